@@ -1,0 +1,136 @@
+"""The `ssdopt` command line: thin wrappers over the library; SsdoptError becomes exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from ssdopt.config import section
+from ssdopt.errors import SsdoptError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Synthetic dataset and calibration set.")
+plugin_app = typer.Typer(no_args_is_help=True, help="The SSDDecodeNMS native plugin.")
+app.add_typer(data_app, name="data")
+app.add_typer(plugin_app, name="plugin")
+
+
+def _pick(value, params: dict, key: str, default):
+    """CLI value if given, else params.yaml, else the built-in default."""
+    if value is not None:
+        return value
+    return params.get(key, default)
+
+
+@data_app.command("generate")
+def data_generate(
+    out: Path | None = typer.Option(None, help="Output directory (params: generate.out)."),
+    seed: int | None = typer.Option(None, help="Random seed; same seed, same bytes."),
+    train: int | None = typer.Option(None, help="Images in the train split."),
+    val: int | None = typer.Option(None, help="Images in the val split."),
+    test: int | None = typer.Option(None, help="Images in the test split."),
+    image_size: int | None = typer.Option(None, help="Square image side in pixels."),
+    workers: int = typer.Option(0, help="Worker processes (0: one per core)."),
+) -> None:
+    """Generate the synthetic COCO-format detection dataset."""
+    from ssdopt.data.synthetic import generate_dataset
+
+    p = section("generate")
+    splits = {
+        "train": _pick(train, p, "train", 6000),
+        "val": _pick(val, p, "val", 1000),
+        "test": _pick(test, p, "test", 1000),
+    }
+    path = generate_dataset(
+        Path(_pick(out, p, "out", "data/synthetic")),
+        seed=_pick(seed, p, "seed", 0),
+        image_size=_pick(image_size, p, "image_size", 320),
+        splits=splits,
+        workers=workers or None,
+    )
+    typer.echo(f"dataset written to {path}")
+
+
+@data_app.command("calibration")
+def data_calibration(
+    dataset: Path = typer.Option(None, help="Dataset root holding train.json (params: generate.out)."),
+    out: Path | None = typer.Option(None, help="Output directory (params: calibration.out)."),
+    num_images: int | None = typer.Option(None, help="Images to select."),
+    strategy: str | None = typer.Option(None, help="random | class-balanced"),
+    seed: int | None = typer.Option(None, help="Selection seed."),
+) -> None:
+    """Select the calibration set from the train split."""
+    from ssdopt.data.calibration import select_calibration_set
+
+    p = section("calibration")
+    root = Path(dataset or section("generate").get("out", "data/synthetic"))
+    path = select_calibration_set(
+        root / "train.json",
+        root / "train",
+        Path(_pick(out, p, "out", "data/calibration")),
+        num_images=_pick(num_images, p, "num_images", 512),
+        strategy=_pick(strategy, p, "strategy", "class-balanced"),
+        seed=_pick(seed, p, "seed", 0),
+    )
+    typer.echo(f"calibration set written to {path}")
+
+
+@app.command("summary")
+def summary() -> None:
+    """Print what the main job produced: dataset, calibration-set version, exported model."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ssdopt.dvcinfo import output_md5
+
+    gen, cal, exp = section("generate"), section("calibration"), section("export")
+    table = Table(title="ssdopt main job")
+    table.add_column("artifact")
+    table.add_column("path")
+    table.add_column("details")
+    rows = [
+        ("dataset", Path(gen.get("out", "data/synthetic")), "dataset.json"),
+        ("calibration set", Path(cal.get("out", "data/calibration")), "manifest.json"),
+        ("ONNX export", Path(exp.get("out", "artifacts/onnx")), "export.json"),
+    ]
+    for name, path, meta_name in rows:
+        meta_path = path / meta_name
+        if not meta_path.exists():
+            table.add_row(name, str(path), "[red]missing[/red]")
+            continue
+        meta = json.loads(meta_path.read_text())
+        keys = ("counts", "num_images", "strategy", "model", "num_anchors", "opset")
+        details = ", ".join(f"{k}={meta[k]}" for k in keys if k in meta)
+        md5 = output_md5(path)
+        if md5:
+            details += f", dvc md5={md5}"
+        table.add_row(name, str(path), details)
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning project errors into a clear message and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except SsdoptError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
