@@ -113,23 +113,12 @@ def summary() -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning project errors into a clear message and exit code 2."""
+    """Entry point: usage errors and project errors exit with code 2 and a clear message."""
     try:
-        app(standalone_mode=False)
+        app()  # standalone: click reports usage errors itself, with exit code 2
     except SsdoptError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":
