@@ -77,6 +77,20 @@ def data_calibration(
     typer.echo(f"calibration set written to {path}")
 
 
+def _register_commands() -> None:
+    """Commands that live beside the library modules they wrap."""
+    from ssdopt import commands_models
+    from ssdopt.commands_engines import build
+
+    app.command("train")(commands_models.train)
+    app.command("export")(commands_models.export)
+    app.command("evaluate-checkpoint")(commands_models.evaluate_checkpoint)
+    app.command("build")(build)
+
+
+_register_commands()
+
+
 @app.command("summary")
 def summary() -> None:
     """Print what the main job produced: dataset, calibration-set version, exported model."""

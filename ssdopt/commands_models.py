@@ -1,0 +1,143 @@
+"""CLI commands for models: `ssdopt train`, `ssdopt export`, `ssdopt evaluate-checkpoint`.
+
+Thin wrappers: each reads its defaults from params.yaml (sections model, train, generate, export) and calls
+the library. Registered in ssdopt/cli.py; `python -m ssdopt.commands_models <command>` runs them standalone
+(the device script uses that form).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ssdopt.config import section
+
+
+def _pick(value: Any, params: dict[str, Any], key: str, default: Any) -> Any:
+    """CLI value if given, else params.yaml, else the built-in default."""
+    if value is not None:
+        return value
+    return params.get(key, default)
+
+
+def train(
+    dataset: Path | None = typer.Option(
+        None, help="Dataset root with train.json/val.json (params: generate.out)."
+    ),
+    out: Path | None = typer.Option(None, help="Checkpoint to write (params: model.checkpoint)."),
+    model: str | None = typer.Option(None, help="torchvision SSD builder (params: model.name)."),
+    seed: int | None = typer.Option(None, help="Seed of initialisation, shuffling and augmentation."),
+    batch_size: int | None = typer.Option(None, help="Images per step."),
+    max_epochs: int | None = typer.Option(None, help="Upper bound on epochs."),
+    time_budget_s: float | None = typer.Option(None, help="Wall-time budget of the epoch loop; <= 0: none."),
+    optimizer: str | None = typer.Option(None, help="adamw | sgd"),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    weight_decay: float | None = typer.Option(None, help="Weight decay (not on BatchNorm/bias)."),
+    warmup_epochs: float | None = typer.Option(None, help="Linear warmup length in epochs."),
+    amp: str | None = typer.Option(None, help="bf16 | fp16 | off"),
+    eval_every: int | None = typer.Option(
+        None, help="Epochs between val mAP evaluations; 0: only at the end."
+    ),
+    final_eval: str | None = typer.Option(None, help="torchvision | fast post-processing for the final mAP."),
+    device: str | None = typer.Option(None, help="auto | cuda | cpu"),
+    limit_train: int | None = typer.Option(None, help="Use only the first N train images (smoke runs)."),
+    limit_val: int | None = typer.Option(None, help="Use only the first N val images."),
+    history: Path | None = typer.Option(None, help="training.json path (default: beside the checkpoint)."),
+    workers: int | None = typer.Option(None, help="Image-decoding threads."),
+) -> None:
+    """Train the reference SSD from scratch on the synthetic train split; report val mAP (pycocotools)."""
+    from ssdopt.models.train import TrainConfig
+    from ssdopt.models.train import train as run_training
+
+    p, m, g = section("train"), section("model"), section("generate")
+    base = TrainConfig(dataset=Path("."), out=Path("."))
+    cfg = TrainConfig(
+        dataset=Path(_pick(dataset, g, "out", "data/synthetic")),
+        out=Path(_pick(out, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        model=_pick(model, m, "name", base.model),
+        seed=_pick(seed, p, "seed", base.seed),
+        batch_size=_pick(batch_size, p, "batch_size", base.batch_size),
+        max_epochs=_pick(max_epochs, p, "max_epochs", base.max_epochs),
+        time_budget_s=_pick(time_budget_s, p, "time_budget_s", base.time_budget_s),
+        optimizer=_pick(optimizer, p, "optimizer", base.optimizer),
+        lr=_pick(lr, p, "lr", base.lr),
+        weight_decay=_pick(weight_decay, p, "weight_decay", base.weight_decay),
+        warmup_epochs=_pick(warmup_epochs, p, "warmup_epochs", base.warmup_epochs),
+        amp=_pick(amp, p, "amp", base.amp),
+        eval_every=_pick(eval_every, p, "eval_every", base.eval_every),
+        final_eval=_pick(final_eval, p, "final_eval", base.final_eval),
+        device=_pick(device, p, "device", base.device),
+        limit_train=limit_train,
+        limit_val=limit_val,
+        history=history,
+        workers=_pick(workers, p, "workers", base.workers),
+    )
+    result = run_training(cfg, log=lambda line: typer.echo(line, err=True))
+    typer.echo(
+        f"checkpoint {result.checkpoint} ({result.epochs} epochs, {result.wall_time_s:.0f} s); "
+        f"val mAP {result.metrics['map']:.4f}, mAP@.5 {result.metrics['map_50']:.4f}; "
+        f"history {result.history}"
+    )
+
+
+def export(
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint (params: model.checkpoint)."),
+    out: Path | None = typer.Option(None, help="Output directory (params: export.out)."),
+    opset: int | None = typer.Option(None, help="ONNX opset, >= 18 (params: export.opset)."),
+    image_size: int | None = typer.Option(None, help="Square input side (params: model.image_size)."),
+    tolerance: float | None = typer.Option(None, help="Max abs difference allowed vs torch (ORT CPU)."),
+) -> None:
+    """Export backbone+head to ONNX (+ unfolded BN variant, anchors.npy, export.json), parity-checked."""
+    from ssdopt.export import export_checkpoint
+
+    m, e = section("model"), section("export")
+    path = export_checkpoint(
+        Path(_pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        Path(_pick(out, e, "out", "artifacts/onnx")),
+        image_size=_pick(image_size, m, "image_size", None),
+        opset=_pick(opset, e, "opset", 18),
+        tolerance=_pick(tolerance, e, "tolerance", 1e-4),
+    )
+    typer.echo(f"exported to {path}")
+
+
+def evaluate_checkpoint(
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint (params: model.checkpoint)."),
+    dataset: Path | None = typer.Option(None, help="Dataset root (params: generate.out)."),
+    split: str = typer.Option("val", help="Split to evaluate: <dataset>/<split>.json."),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    out: Path | None = typer.Option(None, help="Write the metrics as JSON here."),
+) -> None:
+    """COCO mAP (pycocotools) of a checkpoint with its own torchvision post-processing."""
+    from ssdopt.evaluate.accuracy import evaluate_checkpoint as run_evaluation
+
+    m, g = section("model"), section("generate")
+    root = Path(_pick(dataset, g, "out", "data/synthetic"))
+    metrics = run_evaluation(
+        Path(_pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        root / f"{split}.json",
+        batch_size=batch_size,
+        device=device,
+        out=out,
+    )
+    per_class = metrics.pop("per_class")
+    typer.echo(json.dumps({**metrics, "per_class": per_class}, indent=1))
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.command("train")(train)
+app.command("export")(export)
+app.command("evaluate-checkpoint")(evaluate_checkpoint)
+
+if __name__ == "__main__":
+    from ssdopt.errors import SsdoptError
+
+    try:
+        app(standalone_mode=False)
+    except SsdoptError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise SystemExit(exc.exit_code) from exc

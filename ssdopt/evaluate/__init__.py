@@ -1,0 +1,1 @@
+"""Evaluation: COCO mAP by pycocotools (accuracy), latency, reports."""
