@@ -1,0 +1,220 @@
+"""The engine directory every backend writes the same way, and the checks before loading one.
+
+Layout: engine file(s), metadata.json, layers.json, source_graph.json (topology of the graph the
+runtime consumed, for fusion tracing), fusion.json + fusion.md, and anchors.npy/export.json copied
+from the export when present. Written atomically: a failed build leaves nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ssdopt.backends.base import BuildSpec, Engine, LayerInfo
+from ssdopt.backends.device import describe, same_device
+from ssdopt.backends.graph import (
+    has_custom_nms,
+    input_spec,
+    load_topology,
+    output_specs,
+    sha256_file,
+    sha256_files,
+    topology,
+)
+from ssdopt.data import atomic_output_dir
+from ssdopt.errors import SsdoptError
+
+SCHEMA = "ssdopt-engine-1"
+METADATA = "metadata.json"
+EXPORT_SIDECARS = ("anchors.npy", "export.json")
+
+
+@dataclass
+class CompileRecord:
+    """What a backend's compile step reports: engine files written, runtime and device records."""
+
+    files: list[str]
+    runtime: dict[str, Any]
+    device: dict[str, Any]
+    hardware_specific: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)  # e.g. inference precision hint, providers
+    plugin: dict[str, Any] | None = None  # the native SSDDecodeNMS library the engine needs
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def plugin_record(model: onnx.ModelProto, spec: BuildSpec) -> dict[str, Any] | None:
+    """spec.plugin_library (path + sha256) for a graph with SSDDecodeNMS, or None without the node.
+
+    Backends that find their binding themselves (ORT, OpenVINO) report it in CompileRecord.plugin.
+    """
+    if not has_custom_nms(model):
+        return None
+    path = spec.plugin_library
+    if path is None or not Path(path).is_file():
+        return {"path": str(path) if path else None, "sha256": None}
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def check_plugin(engine_dir: Path, metadata: dict[str, Any], current: dict[str, Any] | None) -> None:
+    """Refuse an engine whose SSDDecodeNMS library changed since the build (its results would too)."""
+    recorded = metadata.get("plugin") or {}
+    if current is None or not recorded.get("sha256"):
+        return
+    if current["sha256"] != recorded["sha256"]:
+        raise SsdoptError(
+            engine_dir,
+            f"the SSDDecodeNMS library it was built with (sha256 {recorded['sha256'][:16]}...), "
+            f"found {current['path']} with sha256 {current['sha256'][:16]}...",
+            "rebuild the engine with `ssdopt build` (the native plugin changed)",
+        )
+
+
+def build_engine_dir(
+    backend: Any,
+    onnx_path: Path,
+    spec: BuildSpec,
+    out: Path,
+    provenance: dict[str, Any] | None,
+    compile_fn: Callable[[Path, onnx.ModelProto, BuildSpec, Path], CompileRecord],
+) -> Engine:
+    """Run `compile_fn` into a temp dir beside `out`, add metadata/layers/fusion, rename to `out`."""
+    onnx_path, out = Path(onnx_path), Path(out)
+    provenance = dict(provenance or {})
+    model = load_topology(onnx_path)
+    with atomic_output_dir(out, METADATA) as tmp:
+        start = time.perf_counter()
+        record = compile_fn(onnx_path, model, spec, tmp)
+        build_time = time.perf_counter() - start
+        engine_files = [tmp / name for name in record.files]
+        source_dir = Path(provenance.get("source_dir", onnx_path.parent))
+        for name in EXPORT_SIDECARS:
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
+        write_json(tmp / "source_graph.json", topology(model))
+        if provenance.get("graph_is_derived"):  # the fp16 / Q/DQ graph this engine was built from
+            shutil.copyfile(onnx_path, tmp / "graph.onnx")
+        metadata = {
+            "schema": SCHEMA,
+            "backend": backend.name,
+            "runtime": record.runtime,
+            "device": record.device,
+            "hardware_specific": record.hardware_specific,
+            "precision": spec.precision,
+            "settings": record.settings,
+            "input": input_spec(model),
+            "outputs": output_specs(model),
+            "has_decode_nms": has_custom_nms(model),
+            "graph": {
+                "file": "graph.onnx" if provenance.get("graph_is_derived") else None,
+                "sha256": sha256_file(onnx_path),
+            },
+            "source_onnx": provenance.get("source_onnx")
+            or {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+            "calibration": provenance.get("calibration"),
+            "quantization": provenance.get("quantization"),
+            "fp16": provenance.get("fp16"),
+            "plugin": record.plugin if record.plugin is not None else plugin_record(model, spec),
+            "spec": spec.key_fields(),
+            "build_key": provenance.get("build_key"),
+            "build_time_s": round(build_time + float(provenance.get("prepare_time_s", 0.0)), 3),
+            "compile_time_s": round(build_time, 3),
+            "built_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "engine": {
+                "file": record.files[0],
+                "files": record.files,
+                "sha256": sha256_files(engine_files)
+                if len(engine_files) > 1
+                else sha256_file(engine_files[0]),
+            },
+        }
+        write_json(tmp / METADATA, metadata)
+        layers = backend.layers(tmp)
+        write_json(tmp / "layers.json", [layer.to_dict() for layer in layers])
+        _write_fusion(
+            tmp, provenance.get("unfolded_onnx") or _sibling_unfolded(onnx_path, source_dir), model, layers
+        )
+    return Engine.open(out)
+
+
+def _sibling_unfolded(onnx_path: Path, source_dir: Path) -> Path | None:
+    candidate = source_dir / "model_unfolded.onnx"
+    return candidate if candidate.is_file() else None
+
+
+def _write_fusion(
+    tmp: Path, unfolded: Path | str | None, source: onnx.ModelProto, layers: list[LayerInfo]
+) -> None:
+    from ssdopt.fusion import fusion_report, fusion_table
+
+    reference = load_topology(unfolded) if unfolded else source
+    report = fusion_report(reference, source, layers, reference_path=str(unfolded) if unfolded else None)
+    write_json(tmp / "fusion.json", report)
+    (tmp / "fusion.md").write_text(fusion_table(report))
+
+
+def engine_files(engine_dir: Path, metadata: dict[str, Any]) -> list[Path]:
+    return [engine_dir / name for name in metadata["engine"].get("files", [metadata["engine"]["file"]])]
+
+
+def check_engine(
+    engine_dir: Path | str,
+    backend: str,
+    runtime_version: str,
+    device: dict[str, Any],
+    *,
+    version_matches: Callable[[str, str], bool] | None = None,
+    device_matches: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
+) -> dict[str, Any]:
+    """metadata.json of `engine_dir` after refusing a tampered, foreign or mismatched engine.
+
+    Checks, in order: backend, engine file sha256, runtime version, device. Returns the metadata.
+    """
+    engine_dir = Path(engine_dir)
+    engine = Engine.open(engine_dir)
+    meta = engine.metadata
+    rebuild = f"rebuild it here: ssdopt build --backend {backend} --precision {meta.get('precision', 'fp32')}"
+    if meta.get("schema") != SCHEMA or meta.get("backend") != backend:
+        raise SsdoptError(
+            engine_dir / METADATA,
+            f"a {SCHEMA} engine of backend '{backend}', got '{meta.get('backend')}'",
+            rebuild,
+        )
+    files = engine_files(engine_dir, meta)
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise SsdoptError(engine_dir, f"engine files {missing}", rebuild)
+    digest = sha256_files(files) if len(files) > 1 else sha256_file(files[0])
+    if digest != meta["engine"]["sha256"]:
+        raise SsdoptError(
+            files[0],
+            f"sha256 {meta['engine']['sha256'][:16]}... as recorded at build, got {digest[:16]}...",
+            f"the engine file changed after it was built; {rebuild}",
+        )
+    recorded_version = str(meta.get("runtime", {}).get("version"))
+    ok_version = (version_matches or (lambda a, b: a == b))(recorded_version, runtime_version)
+    if not ok_version:
+        raise SsdoptError(
+            engine_dir,
+            f"runtime {backend} {recorded_version} as at build (this process has {runtime_version})",
+            f"install {backend}=={recorded_version} or {rebuild}",
+        )
+    recorded_device = meta.get("device", {})
+    if not (device_matches or same_device)(recorded_device, device):
+        raise SsdoptError(
+            engine_dir,
+            f"the device it was built for, {describe(recorded_device)} (this machine: {describe(device)})",
+            f"engines are hardware specific; {rebuild}",
+        )
+    return meta

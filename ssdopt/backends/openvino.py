@@ -1,0 +1,211 @@
+"""OpenVINO backend (CPU): the engine is OpenVINO IR (engine.xml + engine.bin) plus the exact
+compile settings; it is compiled at load with those settings.
+
+The inference precision is always set explicitly: on a CPU with avx512_bf16 OpenVINO otherwise runs
+an "fp32" model in bf16. fp32 and int8 -> f32 (int8 comes from the graph's Q/DQ nodes, everything
+else stays f32); bf16 -> bf16 (fp32 graph); fp16 -> f16 (fp16 graph), each only where the CPU lists it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ssdopt.backends.base import (
+    Availability,
+    BuildSpec,
+    Detections,
+    Engine,
+    HeadOutputs,
+    LayerInfo,
+    as_batch,
+    check_input_shape,
+    outputs_to_result,
+)
+from ssdopt.backends.device import cpu_info
+from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine, check_plugin
+from ssdopt.backends.graph import has_custom_nms, sha256_file
+from ssdopt.errors import SsdoptError
+
+ENGINE_FILES = ("engine.xml", "engine.bin")
+DEVICE = "CPU"
+PRECISION_HINT = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
+# Precision -> the OPTIMIZATION_CAPABILITIES entry the CPU must list.
+CAPABILITY = {"fp32": "FP32", "int8": "INT8", "bf16": "BF16", "fp16": "FP16"}
+
+
+def _core(with_nms: bool) -> tuple[Any, dict[str, Any] | None]:
+    """An ov.Core, with the SSDDecodeNMS extension added when needed; (core, plugin record)."""
+    import openvino as ov
+
+    core = ov.Core()
+    if not with_nms:
+        return core, None
+    from ssdopt.ops.openvino import add_nms_extension
+
+    path = add_nms_extension(core)
+    return core, {
+        "path": str(path),
+        "sha256": sha256_file(path),
+        "binding": "OpenVINO extension (ov::op::Op)",
+    }
+
+
+def compile_config(precision: str, threads: int | None) -> dict[str, str]:
+    """The compile properties of an engine: explicit precision hint, latency mode, thread count."""
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = str(int(threads))
+    return config
+
+
+def _compile_checked(core: Any, xml: Path, config: dict[str, str]) -> Any:
+    """compile_model, then refuse if OpenVINO did not take the requested inference precision."""
+    compiled = core.compile_model(str(xml), DEVICE, config)
+    wanted = config["INFERENCE_PRECISION_HINT"]
+    got = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    if got != wanted:  # OpenVINO silently falls back (bf16 -> f32 on a CPU without avx512_bf16)
+        raise SsdoptError(
+            xml,
+            f"inference precision {wanted} after compile, but OpenVINO chose {got} on this CPU",
+            "build this precision on a CPU that supports it",
+        )
+    return compiled
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    devices = ("cpu",)
+
+    def available(self, device: str = "cpu") -> Availability:
+        try:
+            import openvino as ov
+        except ImportError:
+            return Availability(False, "openvino: not importable (pip install openvino)")
+        if device != "cpu":
+            return Availability(
+                False, "openvino: this project builds OpenVINO engines for the CPU only", ov.__version__
+            )
+        core = ov.Core()
+        if DEVICE not in core.available_devices:
+            return Availability(False, "openvino: no CPU device plugin found", ov.__version__)
+        capabilities = set(core.get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+        precisions = tuple(p for p in ("fp32", "fp16", "bf16", "int8") if CAPABILITY[p] in capabilities)
+        why_not = {
+            p: f"the CPU lacks {CAPABILITY[p]} in OPTIMIZATION_CAPABILITIES; OpenVINO would silently run f32"
+            for p in ("fp16", "bf16")
+            if p not in precisions
+        }
+        name = core.get_property(DEVICE, "FULL_DEVICE_NAME")
+        device = f"{name} ({', '.join(sorted(capabilities))})"
+        return Availability(True, "", ov.__version__, device, precisions, why_not)
+
+    def build(
+        self, onnx: Path, spec: BuildSpec, out: Path, provenance: dict[str, Any] | None = None
+    ) -> Engine:
+        self.available(spec.device).require(self.name, spec.precision)
+        return build_engine_dir(self, Path(onnx), spec, Path(out), provenance, self._compile)
+
+    def _compile(self, onnx_path: Path, model: onnx.ModelProto, spec: BuildSpec, tmp: Path) -> CompileRecord:
+        import openvino as ov
+
+        core, plugin = _core(has_custom_nms(model))
+        try:
+            ov_model = core.read_model(str(onnx_path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the frontend's message
+            raise SsdoptError(
+                onnx_path, f"a graph OpenVINO's ONNX frontend can read ({exc})", "re-export the model"
+            ) from exc
+        # compress_to_fp16 defaults to True: it would silently turn fp32 weights into fp16.
+        ov.save_model(ov_model, str(tmp / ENGINE_FILES[0]), compress_to_fp16=False)
+        config = compile_config(spec.precision, spec.threads)
+        _compile_checked(core, tmp / ENGINE_FILES[0], config)  # fail the build, not the first load
+        return CompileRecord(
+            files=list(ENGINE_FILES),
+            runtime={"name": "openvino", "version": ov.__version__},
+            device=cpu_info(),
+            hardware_specific=True,
+            settings={"device": DEVICE, "compile_config": config},
+            plugin=plugin,
+        )
+
+    def _compiled(self, engine: Path) -> tuple[Any, dict[str, Any]]:
+        import openvino as ov
+
+        engine = Path(engine)
+        meta = check_engine(engine, self.name, ov.__version__, cpu_info())
+        core, plugin = _core(bool(meta.get("has_decode_nms")))
+        check_plugin(engine, meta, plugin)
+        return _compile_checked(core, engine / ENGINE_FILES[0], meta["settings"]["compile_config"]), meta
+
+    def nms_plugin(self) -> dict[str, Any]:
+        """The SSDDecodeNMS extension this backend would load now (enters the build key)."""
+        from ssdopt.ops.openvino import extension_path
+
+        path = extension_path()
+        return {"path": str(path), "sha256": sha256_file(path)}
+
+    def load(self, engine: Path) -> OpenVinoRunner:
+        compiled, meta = self._compiled(engine)
+        return OpenVinoRunner(compiled, meta)
+
+    def layers(self, engine: Path) -> list[LayerInfo]:
+        """Runtime-model ops (constants skipped) with layerType, runtimePrecision and originalLayersNames."""
+        compiled, _ = self._compiled(engine)
+        layers = []
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+
+            def get(key: str, info: Any = info) -> str:
+                return info[key].astype(str) if key in info else ""
+
+            layer_type = get("layerType")
+            if layer_type == "Const":
+                continue
+            original = tuple(n for n in get("originalLayersNames").split(",") if n)
+            layers.append(
+                LayerInfo(
+                    name=op.get_friendly_name(),
+                    type=layer_type,
+                    precision=get("runtimePrecision") or None,
+                    fused_from=original,
+                    attributes={"primitiveType": get("primitiveType"), "execOrder": get("execOrder")},
+                )
+            )
+        return layers
+
+
+class OpenVinoRunner:
+    """A compiled model and one infer request; `run` gives named outputs, `infer` the typed result."""
+
+    def __init__(self, compiled: Any, metadata: dict[str, Any]) -> None:
+        self.compiled = compiled
+        self.metadata = metadata
+        self.request = compiled.create_infer_request()
+        self.input_name = compiled.inputs[0].get_any_name()
+        self._outputs = list(compiled.outputs)
+        self.output_names = tuple(o.get_any_name() for o in self._outputs)
+        self._shape = metadata["input"]["shape"]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        check_input_shape(images, self._shape)
+        results = self.request.infer({0: images})
+        return {
+            name: np.array(results[out]) for name, out in zip(self.output_names, self._outputs, strict=True)
+        }
+
+    def infer(self, images: Any) -> Detections | HeadOutputs:
+        return outputs_to_result(self.run(as_batch(images)))
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+    def __enter__(self) -> OpenVinoRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,33 @@
+"""Fixtures shared with tests/backends: the tiny exported detector and a tiny calibration set."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _helper():
+    name = "ssdopt_tests_tiny_model"
+    if name not in sys.modules:
+        path = Path(__file__).parents[1] / "backends" / "tiny_model.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+tiny = _helper()
+
+
+@pytest.fixture(scope="session")
+def tiny_export(request: pytest.FixtureRequest):
+    return tiny.cached_export(request.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.make_calibration_set(tmp_path_factory.mktemp("calibration"))
