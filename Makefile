@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
-export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath mlflow/mlflow.db)
+export PREFECT_HOME ?= $(abspath .prefect)
+export PREFECT_LOGGING_LEVEL ?= WARNING
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
@@ -21,9 +22,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The main job on the embedded default: data -> calibration set -> export (grows as issues land).
+## The main job on the embedded default: the Prefect flow `optimize` (DVC data + export, engines,
+## evaluation, MLflow, promotion), then the summary.
 run: setup
-	$(BIN)/dvc repro
+	$(BIN)/python -m flows.optimize
 	$(BIN)/ssdopt summary
 
 ## Lint and the whole test suite.

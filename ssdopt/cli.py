@@ -91,6 +91,53 @@ def _register_commands() -> None:
 _register_commands()
 
 
+@app.command("promote")
+def promote_command(
+    target: list[str] = typer.Option(None, help="Deployment target(s); default: this machine's CPU target."),
+    budget: float | None = typer.Option(None, help="mAP budget in points (params: optimize.map_budget)."),
+) -> None:
+    """Apply the promotion policy to existing registered engine versions."""
+    from ssdopt.backends.device import deployment_target
+    from ssdopt.tracking import local_store, promote
+
+    opt = section("optimize")
+    store = local_store(opt.get("mlflow_root", "mlflow"))
+    for name in target or [deployment_target("cpu")]:
+        model = f"{opt.get('model_name', 'ssdlite-shapes')}.{name}"
+        decision = promote(store, model, float(budget if budget is not None else opt.get("map_budget", 1.0)))
+        typer.echo(f"{model}: champion v{decision.champion} (previous v{decision.previous})")
+        for version, reason in sorted(decision.reasons.items()):
+            typer.echo(f"  v{version}: {reason}")
+
+
+@app.command("compare")
+def compare_command(limit: int = typer.Option(20, help="Runs to show, newest first.")) -> None:
+    """Print a comparison table of the latest MLflow runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ssdopt.evaluate.report_table import COLUMNS, format_rows
+    from ssdopt.tracking import compare_runs, local_store
+
+    opt = section("optimize")
+    rows = compare_runs(local_store(opt.get("mlflow_root", "mlflow")), opt.get("experiment", "ssdopt"), limit)
+    table = Table(title="MLflow runs")
+    titles = ["run"] + [title for _, title, _ in COLUMNS]
+    for title in titles:
+        table.add_column(title)
+    for row, shown in zip(rows, format_rows(rows), strict=True):
+        table.add_row(row["run_id"][:8], *(shown[t] for t in titles[1:]))
+    Console().print(table)
+
+
+@app.command("serve")
+def serve_command(cron: str = typer.Option("0 3 * * *", help="Cron schedule of the optimize flow.")) -> None:
+    """Serve the optimize flow on a schedule (needs `prefect server start`; see README)."""
+    from flows.serve import serve
+
+    serve(cron)
+
+
 @app.command("summary")
 def summary() -> None:
     """Print what the main job produced: dataset, calibration-set version, exported model."""

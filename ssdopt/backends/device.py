@@ -96,3 +96,25 @@ def describe(device: dict[str, Any]) -> str:
     if device.get("kind") == "cpu":
         return f"CPU {device.get('name')} ({' '.join(device.get('flags', [])) or 'no listed ISA flags'})"
     return f"GPU {device.get('name')} (compute capability {device.get('compute_capability')})"
+
+
+def deployment_target(device: str = "cpu") -> str:
+    """Short name of the hardware an engine is built for; one registered model per target.
+
+    cpu: the widest ISA tier that changes kernels (cpu-amx, cpu-avx512-vnni, cpu-avx512, cpu-avx2);
+    cuda: the GPU's name, e.g. "nvidia-h100-80gb-hbm3".
+    """
+    info = device_info(device)
+    if info.get("kind") == "cuda":
+        name = (info.get("name") or "unknown-gpu").lower()
+        return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+    flags = set(info.get("flags", ()))
+    for tier, needed in (
+        ("cpu-amx", "amx_int8"),
+        ("cpu-avx512-vnni", "avx512_vnni"),
+        ("cpu-avx512", "avx512f"),
+        ("cpu-avx2", "avx2"),
+    ):
+        if needed in flags:
+            return tier
+    return f"cpu-{info.get('machine', 'generic')}"

@@ -1,0 +1,1 @@
+"""Prefect flows: optimize (the whole pipeline), promote, serve (schedules)."""

@@ -1,0 +1,184 @@
+"""The optimize flow: data -> calibration set -> export (DVC) -> engines in parallel -> evaluate
+-> MLflow -> promotion. `make run` runs it on the embedded default (params.yaml `optimize`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ssdopt.backends.device import deployment_target
+from ssdopt.config import load_params
+from ssdopt.evaluate.report_table import format_rows, markdown_table
+from tasks.build import build
+from tasks.data import dvc_repro
+from tasks.evaluate import agreement_with, evaluate
+from tasks.track import log_engine, promote
+
+DEFAULT_ENGINES = [
+    {"backend": "onnxruntime", "precision": "fp32"},
+    {"backend": "onnxruntime", "precision": "int8"},
+    {"backend": "openvino", "precision": "fp32"},
+    {"backend": "openvino", "precision": "int8"},
+    {"backend": "torch-aoti", "precision": "fp32"},
+]
+
+
+def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    opt = {**params.get("optimize", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    build_params = params.get("build", {})
+    return {
+        "engines": opt.get("engines", DEFAULT_ENGINES),
+        "reference": opt.get("reference", {"backend": "onnxruntime", "precision": "fp32"}),
+        "split": opt.get("split", "val"),
+        "limit": int(opt.get("eval_images", 300)),
+        "timing": opt.get("timing", {"warmup_s": 0.2, "min_duration_s": 2.0, "min_iterations": 100}),
+        "budget": float(opt.get("map_budget", build_params.get("accuracy", {}).get("budget_points", 1.0))),
+        "min_agreement": float(opt.get("min_agreement", 0.8)),
+        "experiment": opt.get("experiment", "ssdopt"),
+        "model_name": opt.get("model_name", "ssdlite-shapes"),
+        "engines_dir": opt.get("engines_dir", build_params.get("out", "artifacts/engines")),
+        "mlflow_root": opt.get("mlflow_root", "mlflow"),
+        "calibration": {
+            k: v for k, v in (build_params.get("calibration") or {"directory": "data/calibration"}).items()
+        },
+        "onnx": build_params.get("onnx", "artifacts/onnx/model.onnx"),
+        "dataset": params.get("generate", {}).get("out", "data/synthetic"),
+        "stage": opt.get("dvc_stage", "export"),
+    }
+
+
+@flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def optimize(
+    params_file: str = "params.yaml",
+    engines: list[dict[str, str]] | None = None,
+    eval_images: int | None = None,
+    dvc_stage: str | None = None,
+) -> dict[str, Any]:
+    """Build, evaluate, log and promote every engine of params.yaml `optimize.engines`."""
+    logger = get_run_logger()
+    s = _settings(
+        load_params(params_file), {"engines": engines, "eval_images": eval_images, "dvc_stage": dvc_stage}
+    )
+    versions = dvc_repro(s["stage"])
+    target = deployment_target("cpu")
+    registered = f"{s['model_name']}.{target}"
+
+    futures = [
+        build.submit(e["backend"], e["precision"], s["onnx"], s["engines_dir"], s["calibration"])
+        for e in s["engines"]
+    ]
+    built = [f.result() for f in futures]
+
+    dataset_json = str(Path(s["dataset"]) / f"{s['split']}.json")
+    rows: list[dict[str, Any]] = []
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for b in built:
+        row = {
+            "backend": b["backend"],
+            "precision": b["precision"],
+            "device": "cpu",
+            "batch": 1,
+            "target": target,
+        }
+        if b["status"] != "built":
+            rows.append({**row, "status": "failed", "reason": b["reason"]})
+            continue
+        res = evaluate(
+            b["engine"], b["engine_sha256"], dataset_json, versions.get("synthetic"), s["limit"], s["timing"]
+        )
+        results[(b["backend"], b["precision"])] = res
+        lat = res["latency"]
+        size = sum(p.stat().st_size for p in Path(b["engine"]).glob("engine*")) / 1e6
+        rows.append(
+            {
+                **row,
+                "status": "built",
+                "engine": b["engine"],
+                "build_s": b["build_s"],
+                "size_mb": size,
+                "map": res["map"],
+                "map_50": res["map_50"],
+                "p50_ms": lat["median_ms"],
+                "p90_ms": lat["p90_ms"],
+                "p99_ms": lat["p99_ms"],
+                "mean_ms": lat["mean_ms"],
+                "throughput_ips": lat["throughput_ips"],
+            }
+        )
+
+    ref_key = (s["reference"]["backend"], s["reference"]["precision"])
+    reference = results.get(ref_key)
+    ref_row = next(
+        (r for r in rows if (r["backend"], r["precision"]) == ref_key and r["status"] == "built"), None
+    )
+    for row in rows:
+        if row["status"] != "built" or reference is None or ref_row is None:
+            continue
+        res = results[(row["backend"], row["precision"])]
+        row["delta_map"] = 100.0 * (row["map"] - reference["map"])
+        row["agreement"] = agreement_with(reference["detections"], res["detections"])
+        row["speedup"] = ref_row["p50_ms"] / row["p50_ms"]
+        ok = row["delta_map"] >= -s["budget"] and row["agreement"] >= s["min_agreement"]
+        row["status"] = "validated" if ok else "invalid"
+        if not ok:
+            row["reason"] = f"ΔmAP {row['delta_map']:+.2f} pts, agreement {row['agreement']:.2f}"
+
+    common = {
+        "model": "ssdlite320_mobilenet_v3_large",
+        "calibration_md5": versions.get("calibration"),
+        "dataset_md5": versions.get("synthetic"),
+        "onnx_md5": versions.get("onnx"),
+        "device": target,
+        "eval_split": s["split"],
+        "eval_images": s["limit"],
+    }
+    for row in rows:
+        if row["status"] in ("validated", "invalid"):
+            meta = json.loads((Path(row["engine"]) / "metadata.json").read_text())
+            params = {
+                **common,
+                "backend": row["backend"],
+                "precision": row["precision"],
+                "onnx_sha256": meta["source_onnx"]["sha256"],
+                "calibration_method": (meta.get("calibration") or {}).get("method", "none"),
+                "runtime_version": (meta.get("runtime") or {}).get("version"),
+            }
+            row.update(log_engine(row, params, registered, s["experiment"], s["mlflow_root"]))
+
+    decision = (
+        promote(registered, s["budget"], s["mlflow_root"])
+        if any(r.get("version") for r in rows)
+        else {"model": registered, "champion": None}
+    )
+    champion = next((r for r in rows if r.get("version") == decision.get("champion")), None)
+
+    table = markdown_table(rows)
+    link = ""
+    if champion:
+        link = (
+            f"\n\nChampion: **{registered}** v{champion['version']} ({champion['backend']} "
+            f"{champion['precision']}), MLflow run `{champion['run_id']}` in {decision['tracking_uri']} "
+            f"(`mlflow ui --backend-store-uri {decision['tracking_uri']}` → "
+            f"http://127.0.0.1:5000/#/models/{registered}/versions/{champion['version']})."
+        )
+    create_markdown_artifact(
+        key="optimize-report",
+        markdown=f"# ssdopt optimize\n\n{table}{link}",
+        description="Engines of this run and the promoted champion",
+    )
+    create_table_artifact(key="optimize-engines", table=format_rows(rows), description="Engines of this run")
+    logger.info("\n%s%s", table, link)
+    return {"rows": rows, "decision": decision, "registered_model": registered}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    result = optimize()
+    champion = result["decision"].get("champion")
+    print(f"champion of {result['registered_model']}: v{champion}" if champion else "no champion")

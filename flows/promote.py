@@ -1,0 +1,29 @@
+"""The promote flow: re-apply the promotion policy to the registered models of given targets."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from ssdopt.backends.device import deployment_target
+from ssdopt.config import load_params
+from tasks.track import promote
+
+
+@flow(name="promote", log_prints=True)
+def promote_flow(
+    params_file: str = "params.yaml", targets: list[str] | None = None, budget: float | None = None
+) -> list[dict]:
+    """Promote within each target's registered model (never across targets)."""
+    opt = load_params(params_file).get("optimize", {})
+    name = opt.get("model_name", "ssdlite-shapes")
+    budget = float(budget if budget is not None else opt.get("map_budget", 1.0))
+    decisions = []
+    for target in targets or [deployment_target("cpu")]:
+        decision = promote(f"{name}.{target}", budget, opt.get("mlflow_root", "mlflow"))
+        print(f"{decision['model']}: champion v{decision['champion']} (previous v{decision['previous']})")
+        decisions.append(decision)
+    return decisions
+
+
+if __name__ == "__main__":
+    promote_flow()

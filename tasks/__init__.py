@@ -1,0 +1,1 @@
+"""Prefect tasks: one module per pipeline step, each a thin wrapper over an ssdopt function."""

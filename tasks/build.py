@@ -1,0 +1,32 @@
+"""Engine builds: one task per backend x precision, run in parallel by the flow's task runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from ssdopt.backends.base import BuildSpec, CalibrationSpec
+from ssdopt.build import build_engine
+
+
+@task(name="build-engine", retries=1, retry_delay_seconds=2)
+def build(backend: str, precision: str, onnx: str, out: str, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Build (or reuse: builds are content-addressed) one engine. Failures become a ❌ row, not a crash."""
+    logger = get_run_logger()
+    spec = BuildSpec(precision=precision, calibration=CalibrationSpec(**calibration))
+    try:
+        engine = build_engine(backend, precision, Path(onnx), Path(out), spec)
+    except Exception as exc:  # noqa: BLE001 - reported in the table with its reason
+        logger.warning("%s %s failed to build: %s", backend, precision, exc)
+        return {"backend": backend, "precision": precision, "status": "failed", "reason": str(exc)[:500]}
+    logger.info("%s %s -> %s", backend, precision, engine.path)
+    return {
+        "backend": backend,
+        "precision": precision,
+        "status": "built",
+        "engine": str(engine.path),
+        "engine_sha256": engine.metadata.get("engine", {}).get("sha256"),
+        "build_s": engine.metadata.get("build_time_s"),
+    }
