@@ -49,7 +49,7 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         },
         "onnx": build_params.get("onnx", "artifacts/onnx/model.onnx"),
         "dataset": params.get("generate", {}).get("out", "data/synthetic"),
-        "stage": opt.get("dvc_stage", "export"),
+        "stage": opt["dvc_stage"] if "dvc_stage" in opt else "export",
     }
 
 
@@ -65,7 +65,8 @@ def optimize(
     s = _settings(
         load_params(params_file), {"engines": engines, "eval_images": eval_images, "dvc_stage": dvc_stage}
     )
-    versions = dvc_repro(s["stage"])
+    # dvc_stage null: data and export are given (tests, external data); nothing is reproduced.
+    versions = dvc_repro(s["stage"]) if s["stage"] else {}
     target = deployment_target("cpu")
     registered = f"{s['model_name']}.{target}"
 

@@ -79,16 +79,38 @@ def data_calibration(
 
 def _register_commands() -> None:
     """Commands that live beside the library modules they wrap."""
-    from ssdopt import commands_models
+    from ssdopt import commands_eval, commands_models
     from ssdopt.commands_engines import build
 
     app.command("train")(commands_models.train)
     app.command("export")(commands_models.export)
     app.command("evaluate-checkpoint")(commands_models.evaluate_checkpoint)
     app.command("build")(build)
+    app.command("bench")(commands_eval.bench)
+    app.command("evaluate")(commands_eval.evaluate)
+    app.command("detect")(commands_eval.detect)
+    app.command("report")(commands_eval.report)
 
 
 _register_commands()
+
+
+@plugin_app.command("build")
+def plugin_build(
+    cuda: bool | None = typer.Option(
+        None, "--cuda/--no-cuda", help="CUDA kernel (default: where nvcc is found)."
+    ),
+    torch_op: bool = typer.Option(True, "--torch/--no-torch", help="Also build the torch op library."),
+    force: bool = typer.Option(False, help="Rebuild even if these sources were built."),
+    build_dir: Path = typer.Option(
+        Path("build/plugins"), help="Root of the content-addressed build folders."
+    ),
+) -> None:
+    """Compile the SSDDecodeNMS kernels and bindings (CMake + torch extension)."""
+    from ssdopt.plugin_build import build_all, summary_lines
+
+    for build in build_all(build_root=build_dir, cuda=cuda, force=force, torch_op=torch_op):
+        typer.echo("\n".join(summary_lines(build)))
 
 
 @app.command("promote")

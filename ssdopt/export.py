@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -278,4 +279,41 @@ def export_checkpoint(
         "class_names": meta["class_names"],
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(Path(checkpoint))},
     }
-    return export_onnx(model, out_dir, image_size=image_size, opset=opset, meta=info, tolerance=tolerance)
+    out = export_onnx(model, out_dir, image_size=image_size, opset=opset, meta=info, tolerance=tolerance)
+    write_decode_nms_variant(out)
+    return out
+
+
+NMS_VARIANT = "model_nms.onnx"
+
+
+def write_decode_nms_variant(export_dir: Path) -> Path:
+    """`model_nms.onnx` beside the export: the same graph ending in the fused SSDDecodeNMS node
+    (attributes from export.json), so every runtime runs decode + NMS as one graph node."""
+    from ssdopt.ops.onnx_node import add_decode_nms_node
+
+    export_dir = Path(export_dir)
+    info = json.loads((export_dir / "export.json").read_text())
+    post, size = info["postprocess"], int(info["image_size"])
+    graph = add_decode_nms_node(
+        onnx.load(str(export_dir / "model.onnx")),
+        np.load(export_dir / "anchors.npy"),
+        score_threshold=float(post["score_threshold"]),
+        iou_threshold=float(post["iou_threshold"]),
+        pre_nms_top_k=int(post["pre_nms_top_k"]),
+        max_detections=int(post["max_detections"]),
+        box_weights=tuple(info["box_coder_weights"]),
+        softmax=post.get("score_activation", "softmax") == "softmax",
+        background_class=int(post.get("background_class", 0)),
+        image_height=size,
+        image_width=size,
+    )
+    onnx.checker.check_model(graph)
+    target = export_dir / NMS_VARIANT
+    tmp = target.with_name(f".{NMS_VARIANT}.tmp")
+    try:
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

@@ -204,3 +204,23 @@ def compare_runs(store: Store, experiment: str, limit: int = 50) -> list[dict[st
             }
         )
     return rows
+
+
+def resolve_engine_uri(uri: str, store: Store | None = None) -> Path:
+    """models:/NAME@ALIAS (or models:/NAME/VERSION) -> a local copy of the logged engine directory."""
+    import mlflow
+
+    store = store or local_store()
+    _client(store)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown models/aliases
+        raise SsdoptError(
+            uri, f"a registered engine in {store.tracking_uri} ({exc})", "check the name and alias"
+        ) from exc
+    found = sorted(p.parent for p in local.rglob("metadata.json") if (p.parent / "layers.json").is_file())
+    if not found:
+        raise SsdoptError(
+            uri, "a logged ssdopt engine (metadata.json + layers.json)", "log engines with the flow"
+        )
+    return found[0]

@@ -7,6 +7,19 @@
 //   anchors      [A, 4]     float32, (x1, y1, x2, y2) in input pixels
 // Outputs (fixed size, K = max_detections, padding: zeros and label -1):
 //   num_detections [B] int32, boxes [B, K, 4] float32, scores [B, K] float32, labels [B, K] int32
+//
+// Numerics (identical in the CPU and CUDA kernels; tested against the reference in tests/ops/):
+//   * float16 inputs are converted to float32 first; all arithmetic is float32, box formulas shared
+//     (src/common/box_math.h). CPU and CUDA differ only by the last bits of exp(): a detection whose
+//     score or IoU sits on a threshold can flip; everything else matches.
+//   * Softmax of an anchor whose logits hold NaN or +inf, or are all -inf, is NaN: that anchor yields no
+//     detection. -inf alone is a probability of 0. Sigmoid: NaN -> none, +inf -> 1, -inf -> 0.
+//   * NaN box deltas give NaN boxes, which are kept and never suppress or get suppressed (torchvision).
+//   * dw, dh are clamped at log(1000/16) before exp; boxes are clipped to [0, W] x [0, H].
+//   * Equal scores rank by class, then anchor index, ascending (CPU and CUDA alike).
+//   * IoU > iou_threshold suppresses (IoU equal to it does not); zero/negative-area boxes follow
+//     torchvision's nms arithmetic (two identical zero-area boxes: 0/0 = NaN, neither suppressed).
+// Also: include/ssdopt_nms_c.h, the same CPU kernel behind a C ABI (libssdopt_nms_cpu.so).
 #pragma once
 
 #include <cstddef>

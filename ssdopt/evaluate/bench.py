@@ -1,0 +1,585 @@
+"""`ssdopt bench`: every engine and its peers measured in one run, with an honest status per row.
+
+Rows, in order: torchvision eager fp32 with its own post-processing (the baseline every speed-up
+refers to), `torch.compile` default of the same model, ONNX Runtime fp32 of the exported head with the
+reference decode (the accuracy reference for delta_map and agreement), then one row per backend x
+precision built from the export with the fused SSDDecodeNMS node, then any extra engine directories.
+
+Status legend (the Ultralytics convention):
+    ✅ built and validated · ❎ built, but mAP dropped beyond the budget or agreement is below the
+    threshold · ❌ failed to build (the reason is in the row).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssdopt.backends.base import BuildSpec, Engine, get_backend
+from ssdopt.backends.device import cpu_info
+from ssdopt.data.coco import CocoDataset, load_coco
+from ssdopt.errors import SsdoptError
+from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
+from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
+
+VALIDATED, FAILED_VALIDATION, FAILED_BUILD = "✅", "❎", "❌"
+STATUS_NAMES = {
+    VALIDATED: "built and validated",
+    FAILED_VALIDATION: "built but failed validation",
+    FAILED_BUILD: "failed to build",
+}
+BASELINE = ("torch-eager", "fp32")
+REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
+PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
+NMS_GRAPH = "model_nms.onnx"
+GRAPH_MARKER = "graph.json"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how; defaults are params.yaml section `bench`."""
+
+    backends: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt", "torch-aoti")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    peers: tuple[str, ...] = PEERS
+    batch: int = 1
+    limit: int | None = 200
+    plan: TimingPlan = field(default_factory=TimingPlan)
+    budget_points: float = 1.0  # mAP drop (points) still validated
+    min_agreement: float = 0.9  # share of the fp32 reference's confident boxes reproduced
+    compile_timeout_s: float = 900.0
+    eval_batch: int = 8
+    spec: BuildSpec = field(default_factory=BuildSpec)
+    extra_engines: tuple[Path, ...] = ()
+    progress: bool = True
+
+
+@dataclass
+class BenchContext:
+    """The inputs every row shares: the model, the evaluation subset and the exported graphs."""
+
+    model: Any  # torchvision SSD, eval mode, CPU
+    dataset: CocoDataset  # the first `limit` images of the split
+    export_dir: Path  # model.onnx, model_unfolded.onnx, anchors.npy, export.json
+    nms_graph: Path  # model.onnx + SSDDecodeNMS node
+    engines_dir: Path
+    image_size: int
+    checkpoint: Path | None = None  # torch.compile runs from it in a fresh process
+
+
+def _row(backend: str, precision: str, graph: str, device: str, batch: int) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "precision": precision,
+        "graph": graph,
+        "device": device,
+        "batch": batch,
+        "status": FAILED_BUILD,
+        "status_name": STATUS_NAMES[FAILED_BUILD],
+        "reason": "",
+        "size_mb": None,
+        "build_s": None,
+        "map": None,
+        "delta_map": None,
+        "agreement": None,
+        "p50_ms": None,
+        "p99_ms": None,
+        "throughput_ips": None,
+        "speedup": None,
+        "latency": None,
+        "engine": None,
+    }
+
+
+def _set_latency(row: dict[str, Any], stats: LatencyStats) -> None:
+    row.update(p50_ms=stats.median_ms, p99_ms=stats.p99_ms, throughput_ips=stats.throughput_ips)
+    row["latency"] = stats.as_dict()
+
+
+def _cpu_name() -> str:
+    return f"CPU {cpu_info().get('name')}"
+
+
+def subset(ds: CocoDataset, limit: int | None) -> CocoDataset:
+    """The first `limit` images of `ds` with their annotations; refuses a split without annotations."""
+    if not ds.annotations:
+        raise SsdoptError(
+            ds.path,
+            "a COCO split with annotations (mAP needs ground truth)",
+            "pass the val or test split (e.g. data/synthetic/val.json), not an image list",
+        )
+    if not limit:
+        return ds
+    keep = {im.id for im in ds.images[:limit]}
+    return CocoDataset(
+        path=ds.path,
+        image_dir=ds.image_dir,
+        images=ds.images[:limit],
+        annotations=[a for a in ds.annotations if a.image_id in keep],
+        categories=ds.categories,
+    )
+
+
+def _check_classes(model_classes: list[str], ds: CocoDataset, source: str) -> None:
+    if list(model_classes) != ds.class_names():
+        raise SsdoptError(
+            source,
+            f"a model of the classes of {ds.path} ({ds.class_names()[1:]}), got {list(model_classes)[1:]}",
+            "benchmark on the dataset the checkpoint was trained for",
+        )
+
+
+# ---------------------------------------------------------------- graphs
+
+
+def _sha256(path: Path) -> str:
+    from ssdopt.backends.graph import sha256_file
+
+    return sha256_file(path)
+
+
+def export_for_bench(model: Any, meta: dict[str, Any], checkpoint: Path | None, work: Path) -> Path:
+    """work/onnx: the export of `model`, reused when export.json names the same checkpoint bytes."""
+    from ssdopt.export import export_onnx
+
+    out = work / "onnx"
+    info = {"model": meta.get("model"), "class_names": meta.get("class_names")}
+    if checkpoint is not None:
+        info["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(checkpoint)}
+        record = out / "export.json"
+        if record.is_file():
+            previous = json.loads(record.read_text()).get("checkpoint") or {}
+            if previous.get("sha256") == info["checkpoint"]["sha256"]:
+                return out
+    return export_onnx(model, out, meta=info)
+
+
+def graph_with_decode_nms(export_dir: Path, work: Path) -> Path:
+    """The export plus the SSDDecodeNMS node (attributes from export.json), in a directory beside copies
+    of the export's sidecars so engines built from it carry export.json and the fusion reference."""
+    import onnx
+
+    from ssdopt.data import atomic_output_dir
+    from ssdopt.ops.onnx_node import add_decode_nms_node
+
+    export_sha = _sha256(export_dir / "model.onnx")
+    out = work / f"graph-{export_sha[:12]}"
+    if (out / GRAPH_MARKER).is_file() and (out / NMS_GRAPH).is_file():
+        return out / NMS_GRAPH
+    info = json.loads((export_dir / "export.json").read_text())
+    post = info["postprocess"]
+    size = int(info["image_size"])
+    anchors = np.load(export_dir / "anchors.npy")
+    graph = add_decode_nms_node(
+        onnx.load(str(export_dir / "model.onnx")),
+        anchors,
+        score_threshold=float(post["score_threshold"]),
+        iou_threshold=float(post["iou_threshold"]),
+        pre_nms_top_k=int(post["pre_nms_top_k"]),
+        max_detections=int(post["max_detections"]),
+        box_weights=tuple(info["box_coder_weights"]),
+        softmax=post.get("score_activation", "softmax") == "softmax",
+        background_class=int(post.get("background_class", 0)),
+        image_height=size,
+        image_width=size,
+    )
+    with atomic_output_dir(out, GRAPH_MARKER) as tmp:
+        onnx.save(graph, str(tmp / NMS_GRAPH))
+        for name in ("export.json", "anchors.npy", "model_unfolded.onnx"):
+            shutil.copyfile(export_dir / name, tmp / name)
+        (tmp / GRAPH_MARKER).write_text(json.dumps({"export_sha256": export_sha}) + "\n")
+    return out / NMS_GRAPH
+
+
+# ---------------------------------------------------------------- torch peers
+
+
+def _torch_images(size: int, batch: int, seed: int = 0) -> list[Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return list(torch.rand(batch, 3, size, size, generator=generator))
+
+
+def _torch_predict(model: Any, ctx: BenchContext, batch_size: int) -> list[dict[str, Any]]:
+    from ssdopt.evaluate.accuracy import predict_dataset
+
+    return predict_dataset(model, ctx.dataset, batch_size=batch_size, progress=False)
+
+
+def _map(ctx: BenchContext, detections: list[dict[str, Any]]) -> float | None:
+    from ssdopt.evaluate.accuracy import coco_evaluate
+
+    return coco_evaluate(ctx.dataset, detections)["map"]
+
+
+def _param_mb(model: Any) -> float:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 1e6
+
+
+def eager_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
+    """torchvision eager fp32, its own transform and post-processing: the baseline."""
+    import torch
+
+    row = _row("torch-eager", "fp32", "torchvision SSD", _cpu_name(), cfg.batch)
+    with torch.inference_mode():
+        detections = _torch_predict(ctx.model, ctx, cfg.eval_batch)
+        images = _torch_images(ctx.image_size, cfg.batch)
+        stats = time_host(lambda: ctx.model(images), cfg.plan, cfg.batch)
+    row.update(
+        size_mb=_param_mb(ctx.model),
+        build_s=0.0,
+        status=VALIDATED,
+        detections=detections,
+        map=_map(ctx, detections),
+    )
+    _set_latency(row, stats)
+    return row
+
+
+def _compile_child(
+    checkpoint: str, dataset_json: str, limit: int | None, cfg: BenchConfig, pipe: Any
+) -> None:
+    """Runs in a fresh (spawned) process: a fork after torch used its thread pool hangs (measured), and
+    a compile that takes too long must be killable."""
+    try:
+        import torch
+
+        from ssdopt.models.zoo import load_checkpoint, model_image_size
+
+        model, _ = load_checkpoint(checkpoint)
+        ds = subset(load_coco(Path(dataset_json)), limit)
+        size = model_image_size(model)
+        start = time.perf_counter()
+        compiled = torch.compile(model)
+        with torch.inference_mode():
+            images = _torch_images(size, cfg.batch)
+            compiled(images)
+            build_s = time.perf_counter() - start
+            from ssdopt.evaluate.accuracy import predict_dataset
+
+            detections = predict_dataset(compiled, ds, batch_size=cfg.batch, progress=False)
+            stats = time_host(lambda: compiled(images), cfg.plan, cfg.batch)
+        pipe.send({"ok": True, "build_s": build_s, "detections": detections, "latency": stats.as_dict()})
+    except BaseException as exc:  # noqa: BLE001 - reported as the row's reason
+        pipe.send({"ok": False, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
+    finally:
+        pipe.close()
+
+
+def compile_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
+    """`torch.compile` default of the same model; ❌ with the reason if it fails or exceeds the timeout."""
+    row = _row("torch-compile", "fp32", "torchvision SSD, torch.compile default", _cpu_name(), cfg.batch)
+    if ctx.checkpoint is None:
+        row["reason"] = "torch.compile runs in a fresh process from a checkpoint file; none was given"
+        return row
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    args = (str(ctx.checkpoint), str(ctx.dataset.path), len(ctx.dataset.images), cfg, send)
+    child = context.Process(target=_compile_child, args=args, daemon=True)
+    child.start()
+    send.close()
+    result = receive.recv() if receive.poll(cfg.compile_timeout_s) else None
+    if result is None:
+        child.kill()
+        row["reason"] = (
+            f"torch.compile did not finish within {cfg.compile_timeout_s:g} s (bench.compile_timeout_s)"
+        )
+    child.join(timeout=10)
+    if result is None:
+        return row
+    if not result["ok"]:
+        row["reason"] = f"torch.compile failed: {result['reason']}"
+        return row
+    row.update(
+        size_mb=_param_mb(ctx.model),
+        build_s=result["build_s"],
+        detections=result["detections"],
+        map=_map(ctx, result["detections"]),
+    )
+    row["status"] = VALIDATED  # validated below against the reference like every other row
+    _set_latency(row, LatencyStats(**result["latency"]))
+    return row
+
+
+# ---------------------------------------------------------------- engines
+
+
+def _engine_size_mb(engine: Engine) -> float:
+    from ssdopt.backends.engine_dir import engine_files
+
+    return sum(p.stat().st_size for p in engine_files(engine.path, engine.metadata)) / 1e6
+
+
+def measure_engine(
+    engine: Engine, row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig
+) -> dict[str, Any]:
+    """mAP, detections and latency of a built engine into `row`."""
+    result = evaluate_engine(engine, ctx.dataset, batch_size=cfg.eval_batch, progress=False)
+    stats = engine_latency(engine, cfg.batch, cfg.plan)
+    row.update(
+        status=VALIDATED,
+        engine=str(engine.path),
+        size_mb=_engine_size_mb(engine),
+        build_s=engine.metadata.get("build_time_s"),
+        map=result.metrics["map"],
+        device=engine.metadata.get("device", {}).get("name") or row["device"],
+        detections=result.detections,
+    )
+    _set_latency(row, stats)
+    return row
+
+
+def engine_row(
+    backend: str, precision: str, graph: Path, ctx: BenchContext, cfg: BenchConfig, label: str
+) -> dict[str, Any]:
+    """Build (or reuse) one engine and measure it; any build failure becomes ❌ with its reason."""
+    from ssdopt.build import build_engine
+
+    row = _row(backend, precision, label, _cpu_name(), cfg.batch)
+    try:
+        runtime = get_backend(backend)
+        spec = replace(cfg.spec, max_batch=max(cfg.spec.max_batch, cfg.batch, cfg.eval_batch))
+        device = spec.device if spec.device in runtime.devices else runtime.devices[0]
+        runtime.available(device).require(backend, precision)  # type: ignore[call-arg]
+        engine = build_engine(
+            backend,
+            precision,
+            graph,
+            ctx.engines_dir,
+            spec,
+            unfolded_onnx=ctx.export_dir / "model_unfolded.onnx",
+        )
+    except Exception as exc:  # noqa: BLE001 - every build failure is reported, none stops the bench
+        row["reason"] = _reason(exc)
+        return row
+    return measure_engine(engine, row, ctx, cfg)
+
+
+def extra_engine_row(path: Path, ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
+    """A prebuilt engine directory (e.g. from `ssdopt build`), measured like the others."""
+    engine = Engine.open(path)
+    row = _row(engine.backend, engine.precision, f"engine {path.name}", _cpu_name(), cfg.batch)
+    size = engine.metadata.get("input", {}).get("shape", [None, None, None, None])[2]
+    if isinstance(size, int) and size != ctx.image_size:
+        raise SsdoptError(
+            path,
+            f"an engine for {ctx.image_size}x{ctx.image_size} inputs like the model, built for {size}x{size}",
+            "benchmark engines built from this model's export",
+        )
+    return measure_engine(engine, row, ctx, cfg)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, SsdoptError):
+        return f"{exc.expected}; {exc.fix}" if "not importable" not in exc.fix else exc.fix
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+# ---------------------------------------------------------------- validation and assembly
+
+
+def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
+    """delta_map and agreement against the ONNX Runtime fp32 row; ✅ -> ❎ outside the budget."""
+    reference = next(
+        (
+            r
+            for r in rows
+            if (r["backend"], r["precision"]) == REFERENCE
+            and r["status"] != FAILED_BUILD
+            and r["graph"].startswith("head")
+        ),
+        None,
+    )
+    for row in rows:
+        if row["status"] == FAILED_BUILD or reference is None:
+            continue
+        row["delta_map"] = (
+            None
+            if row["map"] is None or reference["map"] is None
+            else 100.0 * (row["map"] - reference["map"])
+        )
+        row["agreement"] = agreement(row["detections"], reference["detections"])
+        problems = []
+        if row["delta_map"] is not None and row["delta_map"] < -cfg.budget_points:
+            problems.append(f"mAP {row['delta_map']:+.2f} points (budget -{cfg.budget_points:g})")
+        if row["agreement"] < cfg.min_agreement:
+            problems.append(f"agreement {row['agreement']:.3f} < {cfg.min_agreement:g}")
+        if problems:
+            row.update(status=FAILED_VALIDATION, reason="; ".join(problems))
+    for row in rows:
+        row["status_name"] = STATUS_NAMES[row["status"]]
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup = baseline p50 / row p50 (None without a baseline or a latency)."""
+    base = next((r for r in rows if (r["backend"], r["precision"]) == BASELINE and r["p50_ms"]), None)
+    for row in rows:
+        if base is not None and row["p50_ms"]:
+            row["speedup"] = base["p50_ms"] / row["p50_ms"]
+
+
+def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """(label, thunk) per row, in table order."""
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
+    if "torch-compile" in cfg.peers:
+        jobs.append(("torch.compile", lambda: compile_row(ctx, cfg)))
+    if "torch-eager" in cfg.peers:
+        jobs.append(("torch eager", lambda: eager_row(ctx, cfg)))
+    if "onnxruntime-fp32" in cfg.peers:
+        model = ctx.export_dir / "model.onnx"
+        jobs.append(
+            (
+                "onnxruntime fp32 (head)",
+                lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode"),
+            )
+        )
+    for backend in cfg.backends:
+        for precision in cfg.precisions:
+            jobs.append(
+                (
+                    f"{backend} {precision}",
+                    lambda b=backend, p=precision: engine_row(
+                        b, p, ctx.nms_graph, ctx, cfg, "fused SSDDecodeNMS"
+                    ),
+                )
+            )
+    for path in cfg.extra_engines:
+        jobs.append((f"engine {Path(path).name}", lambda p=Path(path): extra_engine_row(p, ctx, cfg)))
+    return jobs
+
+
+_ORDER = {("torch-eager", "fp32"): 0, ("torch-compile", "fp32"): 1}
+
+
+def run_rows(ctx: BenchContext, cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Measure every row (progress bar over rows), validate, add speed-ups; detections are dropped."""
+    from tqdm import tqdm
+
+    jobs = plan_rows(ctx, cfg)
+    rows = []
+    with tqdm(total=len(jobs), desc="bench", unit="row", disable=not cfg.progress) as bar:
+        for label, job in jobs:
+            bar.set_postfix_str(label)
+            rows.append(job())
+            bar.update(1)
+    rows.sort(key=lambda r: _ORDER.get((r["backend"], r["precision"]), 2))  # stable: keeps engine order
+    validate(rows, cfg)
+    add_speedups(rows)
+    for row in rows:
+        row.pop("detections", None)
+    return rows
+
+
+def run_bench(
+    checkpoint: Path | str,
+    dataset_json: Path | str,
+    out_dir: Path | str = Path("reports"),
+    work_dir: Path | str = Path("artifacts/bench"),
+    cfg: BenchConfig | None = None,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark a checkpoint's engines and peers on a COCO split; writes bench.json/.md and
+    pareto.png under `out_dir` and returns the rows."""
+    from ssdopt.models.zoo import load_checkpoint
+
+    checkpoint, cfg = Path(checkpoint), cfg or BenchConfig()
+    ds = subset(load_coco(Path(dataset_json)), cfg.limit)
+    model, meta = load_checkpoint(checkpoint)
+    _check_classes(meta["class_names"], ds, str(checkpoint))
+    return run_bench_model(model, meta, ds, out_dir, work_dir, cfg, checkpoint=checkpoint, command=command)
+
+
+def run_bench_model(
+    model: Any,
+    meta: dict[str, Any],
+    ds: CocoDataset,
+    out_dir: Path | str,
+    work_dir: Path | str,
+    cfg: BenchConfig,
+    checkpoint: Path | None = None,
+    command: str | None = None,
+) -> list[dict[str, Any]]:
+    """run_bench for a model already in memory (tests use tiny torchvision SSDs)."""
+    from ssdopt.evaluate.bench_output import write_bench_outputs
+    from ssdopt.evaluate.report import write_report
+    from ssdopt.models.zoo import model_image_size
+
+    if cfg.batch < 1:
+        raise SsdoptError("--batch", f"a positive batch size, got {cfg.batch}", "pass e.g. --batch 1")
+    work = Path(work_dir)
+    export_dir = export_for_bench(model, meta, checkpoint, work)
+    image_size = int(json.loads((export_dir / "export.json").read_text())["image_size"])
+    if image_size != model_image_size(model):
+        raise SsdoptError(
+            export_dir / "export.json",
+            f"an export at the model's input size {model_image_size(model)}, found {image_size}",
+            f"delete {export_dir} so the bench re-exports",
+        )
+    ctx = BenchContext(
+        model=model.eval(),
+        dataset=ds,
+        export_dir=export_dir,
+        nms_graph=graph_with_decode_nms(export_dir, work),
+        engines_dir=work / "engines",
+        image_size=image_size,
+        checkpoint=checkpoint,
+    )
+    rows = run_rows(ctx, cfg)
+    write_bench_outputs(rows, Path(out_dir), _context_record(meta, ds, cfg, checkpoint, command))
+    write_report(Path(out_dir))
+    return rows
+
+
+def _context_record(
+    meta: dict[str, Any], ds: CocoDataset, cfg: BenchConfig, checkpoint: Path | None, command: str | None
+) -> dict[str, Any]:
+    import datetime
+    import platform
+
+    import torch
+
+    from ssdopt.evaluate.latency import cpu_threads
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_info(),
+            "threads": cpu_threads(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": command,
+        "model": meta.get("model"),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "dataset": str(ds.path),
+        "images": len(ds.images),
+        "batch": cfg.batch,
+        "plan": {
+            "warmup_s": cfg.plan.warmup_s,
+            "min_duration_s": cfg.plan.min_duration_s,
+            "min_iterations": cfg.plan.min_iterations,
+        },
+        "budget_points": cfg.budget_points,
+        "min_agreement": cfg.min_agreement,
+        "legend": STATUS_NAMES,
+    }
+
+
+def as_tuple(values: Iterable[str] | str | None) -> tuple[str, ...]:
+    """CLI/params lists: a YAML list or a comma-separated string."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = values.split(",")
+    return tuple(v.strip() for v in values if v and v.strip())

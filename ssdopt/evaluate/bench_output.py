@@ -1,0 +1,199 @@
+"""The bench table as a user reads it: bench.json, bench.md, pareto.png and a rich table on stdout.
+
+Every file is written atomically (temp file beside it, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("backend", "backend"),
+    ("precision", "precision"),
+    ("graph", "graph"),
+    ("status", "status"),
+    ("size_mb", "size MB"),
+    ("build_s", "build s"),
+    ("map", "mAP"),
+    ("delta_map", "ΔmAP (pts)"),
+    ("agreement", "agreement"),
+    ("p50_ms", "p50 ms"),
+    ("p99_ms", "p99 ms"),
+    ("throughput_ips", "images/s"),
+    ("speedup", "speed-up"),
+)
+FORMATS: dict[str, Callable[[Any], str]] = {
+    "size_mb": "{:.1f}".format,
+    "build_s": "{:.1f}".format,
+    "map": "{:.3f}".format,
+    "delta_map": "{:+.2f}".format,
+    "agreement": "{:.3f}".format,
+    "p50_ms": "{:.2f}".format,
+    "p99_ms": "{:.2f}".format,
+    "throughput_ips": "{:.1f}".format,
+    "speedup": "{:.1f}x".format,
+}
+
+
+def cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    return FORMATS[key](value) if key in FORMATS else str(value)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(data: Any, path: Path) -> Path:
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+    )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row, key) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
+    machine = context.get("machine", {})
+    cpu = machine.get("cpu", {})
+    plan = context.get("plan", {})
+    reasons = [
+        f"- {r['backend']} {r['precision']}: {r['status']} {r['reason']}" for r in rows if r.get("reason")
+    ]
+    legend = " · ".join(f"{k} {v}" for k, v in context.get("legend", {}).items())
+    parts = [
+        "# ssdopt bench",
+        "",
+        f"- date: {context.get('date')}",
+        f"- machine: {cpu.get('name')} ({' '.join(cpu.get('flags', []))}), {machine.get('threads')} threads "
+        f"(torch {machine.get('torch_threads')}), {machine.get('platform')}",
+        f"- command: `{context.get('command') or 'run_bench(...)'}`",
+        f"- model: {context.get('model')} ({context.get('checkpoint')}); dataset: {context.get('dataset')} "
+        f"({context.get('images')} images); batch {context.get('batch')}",
+        f"- timing: warm-up {plan.get('warmup_s')} s, then >= {plan.get('min_duration_s')} s and "
+        f">= {plan.get('min_iterations')} iterations; end to end (pre-processed tensor -> detections)",
+        f"- validation: ΔmAP vs ONNX Runtime fp32 >= -{context.get('budget_points')} points and agreement "
+        f">= {context.get('min_agreement')}; speed-up vs torchvision eager fp32 p50",
+        f"- legend: {legend}",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    if reasons:
+        parts += ["## Reasons", "", *reasons, ""]
+    parts += ["![Pareto: latency vs mAP](pareto.png)", ""]
+    return "\n".join(parts)
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with latency and mAP that no other row beats on both (lower p50, higher mAP), by p50."""
+    points = [r for r in rows if r.get("p50_ms") is not None and r.get("map") is not None]
+    front = []
+    for row in sorted(points, key=lambda r: (r["p50_ms"], -r["map"])):
+        if not front or row["map"] > front[-1]["map"]:
+            front.append(row)
+    return front
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """PNG: p50 latency (log x) vs mAP, one point per measured row, the Pareto front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("p50_ms") is not None and r.get("map") is not None]
+    front = pareto_front(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for row in points:
+        on_front = row in front
+        ax.scatter(
+            row["p50_ms"],
+            row["map"],
+            s=60 if on_front else 30,
+            color="tab:red" if on_front else "tab:gray",
+            zorder=3,
+        )
+        flag = "" if row.get("status") == "✅" else " (failed validation)"  # DejaVu lacks the emoji
+        ax.annotate(
+            f"{row['backend']} {row['precision']}{flag}",
+            (row["p50_ms"], row["map"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+        )
+    if front:
+        ax.step(
+            [r["p50_ms"] for r in front],
+            [r["map"] for r in front],
+            where="post",
+            color="tab:red",
+            label="Pareto front",
+            zorder=2,
+        )
+        ax.legend(loc="lower right")
+    if points:
+        ax.set_xscale("log")
+    ax.set_xlabel("p50 latency, end to end (ms, log scale)")
+    ax.set_ylabel("mAP@[.5:.95]")
+    ax.set_title("latency vs accuracy")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, format="png")
+
+    try:
+        return atomic_write(path, save)
+    finally:
+        plt.close(fig)
+
+
+def print_table(rows: list[dict[str, Any]], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ssdopt bench")
+    for _, title in COLUMNS:
+        table.add_column(title)
+    for row in rows:
+        table.add_row(*(cell(row, key) for key, _ in COLUMNS))
+    console = console or Console()
+    console.print(table)
+    for row in rows:
+        if row.get("reason"):
+            console.print(f"{row['status']} {row['backend']} {row['precision']}: {row['reason']}")
+
+
+def write_bench_outputs(
+    rows: list[dict[str, Any]], out_dir: Path, context: dict[str, Any]
+) -> dict[str, Path]:
+    """bench.json (the rows), bench_context.json, bench.md and pareto.png under `out_dir`."""
+    return {
+        "json": write_json(rows, out_dir / "bench.json"),
+        "context": write_json(context, out_dir / "bench_context.json"),
+        "markdown": atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(markdown(rows, context))),
+        "pareto": pareto_plot(rows, out_dir / "pareto.png"),
+    }

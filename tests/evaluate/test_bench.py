@@ -1,0 +1,92 @@
+"""ssdopt bench on a tiny SSD: honest status per row, the JSON schema, Markdown and the Pareto PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssdopt.evaluate.bench import FAILED_BUILD, FAILED_VALIDATION, VALIDATED, subset
+from ssdopt.evaluate.bench_output import pareto_front
+
+REQUIRED = (
+    "backend",
+    "precision",
+    "device",
+    "batch",
+    "p50_ms",
+    "p99_ms",
+    "throughput_ips",
+    "speedup",
+    "map",
+    "delta_map",
+)
+
+
+def _row(rows, backend, graph_prefix=""):
+    return next(r for r in rows if r["backend"] == backend and r["graph"].startswith(graph_prefix))
+
+
+def test_status_legend(bench_run) -> None:
+    rows = bench_run["rows"]
+    assert [r["backend"] for r in rows[:2]] == ["torch-eager", "torch-compile"]
+    eager = _row(rows, "torch-eager")
+    assert eager["status"] == VALIDATED and eager["speedup"] == pytest.approx(1.0)
+    compiled = _row(rows, "torch-compile")
+    assert compiled["status"] == FAILED_BUILD and "checkpoint file" in compiled["reason"]
+    reference = _row(rows, "onnxruntime", "head")
+    assert reference["status"] == VALIDATED and reference["delta_map"] == 0 and reference["agreement"] == 1.0
+    fused = _row(rows, "onnxruntime", "fused")
+    assert fused["status"] == VALIDATED and fused["agreement"] >= 0.9, fused
+    trt = _row(rows, "tensorrt")
+    assert trt["status"] == FAILED_BUILD and "tensorrt" in trt["reason"] and trt["p50_ms"] is None
+    broken = _row(rows, "onnxruntime", "engine")
+    assert broken["status"] == FAILED_VALIDATION and "agreement" in broken["reason"], broken
+    assert broken["agreement"] < 0.5
+
+
+def test_eager_agrees_with_engines(bench_run) -> None:
+    """torchvision's own post-processing and the fused op on the same weights: the same detections."""
+    eager = _row(bench_run["rows"], "torch-eager")
+    assert eager["agreement"] >= 0.9 and abs(eager["delta_map"]) <= 1.0
+
+
+def test_json_schema_and_files(bench_run) -> None:
+    out = bench_run["out"]
+    rows = json.loads((out / "bench.json").read_text())
+    assert isinstance(rows, list) and len(rows) == len(bench_run["rows"]) == 6
+    for row in rows:
+        assert set(REQUIRED) <= set(row)
+        assert row["batch"] == 1 and isinstance(row["device"], str)
+        if row["status"] != FAILED_BUILD:
+            assert row["p99_ms"] >= row["p50_ms"] > 0 and row["throughput_ips"] > 0
+            assert row["latency"]["iterations"] >= 20
+    md = (out / "bench.md").read_text()
+    assert "| backend | precision |" in md and "pytest" in md and md.count("\n| ") >= 7
+    assert "❎" in md and "❌" in md and "✅" in md
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_pareto_front_is_nondominated() -> None:
+    rows = [
+        {"p50_ms": 10.0, "map": 0.5},
+        {"p50_ms": 2.0, "map": 0.4},
+        {"p50_ms": 3.0, "map": 0.3},
+        {"p50_ms": 1.0, "map": 0.1},
+        {"p50_ms": None, "map": 0.9},
+        {"p50_ms": 12.0, "map": 0.5},
+    ]
+    front = pareto_front(rows)
+    assert [(r["p50_ms"], r["map"]) for r in front] == [(1.0, 0.1), (2.0, 0.4), (10.0, 0.5)]
+
+
+def test_missing_annotations_is_an_error(bench_dataset) -> None:
+    from ssdopt.data.coco import load_coco
+    from ssdopt.errors import SsdoptError
+
+    ds = load_coco(bench_dataset)
+    ds.annotations = []
+    with pytest.raises(SsdoptError, match="annotations"):
+        subset(ds, 4)

@@ -1,0 +1,116 @@
+"""The optimize flow end to end on a tiny model: engines, evaluation, MLflow registry, promotion,
+the Prefect artifact, a pickle-free pyfunc load, and an idempotent rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ssdopt.data.synthetic import generate_dataset
+
+
+@pytest.fixture()
+def tiny_project(tmp_path: Path, tiny_export, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    data = generate_dataset(
+        tmp_path / "data", seed=3, image_size=64, splits={"val": 6}, workers=1, progress=False
+    )
+    params = {
+        "generate": {"out": str(data)},
+        "build": {
+            "onnx": str(tiny_export.model),
+            "out": str(tmp_path / "engines"),
+            "calibration": {"directory": str(tmp_path / "unused")},
+        },
+        "optimize": {
+            "engines": [
+                {"backend": "onnxruntime", "precision": "fp32"},
+                {"backend": "openvino", "precision": "fp32"},
+                {"backend": "tensorrt", "precision": "fp16"},
+            ],
+            "reference": {"backend": "onnxruntime", "precision": "fp32"},
+            "eval_images": 6,
+            "timing": {"warmup_s": 0.01, "min_duration_s": 0.05, "min_iterations": 5},
+            "map_budget": 1.0,
+            "min_agreement": 0.0,
+            "experiment": "test",
+            "model_name": "tiny",
+            "mlflow_root": str(tmp_path / "mlflow"),
+            "dvc_stage": None,
+        },
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_optimize_builds_logs_and_promotes(tiny_project: Path, prefect_harness) -> None:
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from flows.optimize import optimize
+    from ssdopt.tracking import local_store
+
+    result = optimize(params_file=str(tiny_project))
+    rows = {(r["backend"], r["precision"]): r for r in result["rows"]}
+    assert (
+        rows[("tensorrt", "fp16")]["status"] == "failed"
+        and "tensorrt" in rows[("tensorrt", "fp16")]["reason"]
+    )
+    ort, ov = rows[("onnxruntime", "fp32")], rows[("openvino", "fp32")]
+    assert ort["status"] == "validated" and ort["delta_map"] == 0.0 and ort["agreement"] == 1.0
+    assert ov["status"] == "validated" and abs(ov["delta_map"]) <= 1.0
+    for row in (ort, ov):
+        assert row["p99_ms"] >= row["p50_ms"] > 0 and row["version"] in {"1", "2"}
+
+    decision = result["decision"]
+    champion = min((ort, ov), key=lambda r: r["p99_ms"])
+    assert decision["champion"] == champion["version"]
+
+    store = local_store(
+        json.loads(json.dumps(yaml.safe_load(tiny_project.read_text())))["optimize"]["mlflow_root"]
+    )
+    mlflow.set_tracking_uri(store.tracking_uri)
+    client = mlflow.MlflowClient()
+    name = result["registered_model"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == champion["version"]
+
+    # The registered engine loads from code (no pickle) and predicts fixed-size detections.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    out = model.predict(images)
+    assert out["boxes"].shape[0] == 2 and out["boxes"].shape[2] == 4
+    assert out["num_detections"].shape == (2,) and out["labels"].dtype == np.int32
+
+    # The run's Prefect artifact links the champion's MLflow run.
+    import asyncio
+
+    async def artifacts():
+        async with get_client() as prefect:
+            return await prefect.read_artifacts()
+
+    found = [a for a in asyncio.run(artifacts()) if a.key == "optimize-report"]
+    assert found and champion["run_id"] in found[-1].data
+
+    # A rerun with nothing changed adds no run and no registry version.
+    again = optimize(params_file=str(tiny_project))
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    assert {r.get("run_id") for r in again["rows"]} == {r.get("run_id") for r in result["rows"]}
+
+
+def test_detect_resolves_a_registry_uri(tiny_project: Path, prefect_harness, tmp_path: Path) -> None:
+    from flows.optimize import optimize
+    from ssdopt.tracking import local_store, resolve_engine_uri
+
+    result = optimize(params_file=str(tiny_project))
+    store = local_store(yaml.safe_load(tiny_project.read_text())["optimize"]["mlflow_root"])
+    engine = resolve_engine_uri(f"models:/{result['registered_model']}@champion", store)
+    meta = json.loads((engine / "metadata.json").read_text())
+    assert meta["backend"] in {"onnxruntime", "openvino"}
+    with pytest.raises(Exception, match="registered engine"):
+        resolve_engine_uri(f"models:/{result['registered_model']}@nope", store)

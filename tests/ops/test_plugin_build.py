@@ -1,0 +1,61 @@
+"""ssdopt.plugin_build and the loader: cached by content, recorded, verified, clear when tools are missing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ssdopt import plugin_build
+from ssdopt.errors import SsdoptError
+from ssdopt.ops import library
+
+
+def test_native_build_is_cached_recorded_and_verified():
+    first = plugin_build.build_native(build_root=library.build_root(), cuda=False, bindings=True)
+    again = plugin_build.build_native(build_root=library.build_root(), cuda=False, bindings=True)
+    assert again.directory == first.directory == library.cpu_library_path().parent.parent
+    assert first.directory.name == first.record["key"][:16]
+    assert first.record["targets"]["ssdopt_nms_cpu"] == "built"
+    for name, entry in first.record["libraries"].items():
+        assert plugin_build.sha256_file(first.directory / "lib" / name) == entry["sha256"]
+    assert first.record["cxx_version"] != "unknown" and first.record["cuda_archs"] == []
+
+
+def test_tampered_library_is_refused(tmp_path):  # noqa: ANN001
+    build = plugin_build.build_native(build_root=library.build_root(), cuda=False, bindings=True)
+    copy = tmp_path / "lib" / "libssdopt_nms_cpu.so"
+    copy.parent.mkdir()
+    shutil.copy2(build.library("libssdopt_nms_cpu.so"), copy)
+    shutil.copy2(build.directory / "build.json", tmp_path / "build.json")
+    assert library.verified_library(copy, library.recorded_sha256(copy)) == copy
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.raises(SsdoptError, match="sha256"):
+        library.verified_library(copy, library.recorded_sha256(copy))
+
+
+def test_content_key_follows_sources_and_configuration(tmp_path):  # noqa: ANN001
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int f() { return 1; }\n")
+    key = plugin_build.content_key([source], tmp_path, {"cuda": False})
+    assert key == plugin_build.content_key([source], tmp_path, {"cuda": False})
+    assert key != plugin_build.content_key([source], tmp_path, {"cuda": True})
+    source.write_text("int f() { return 2; }\n")
+    assert key != plugin_build.content_key([source], tmp_path, {"cuda": False})
+
+
+def test_missing_cmake_says_what_to_install(monkeypatch, tmp_path):  # noqa: ANN001
+    real_which = shutil.which
+    monkeypatch.setattr(
+        plugin_build.shutil, "which", lambda name: None if name == "cmake" else real_which(name)
+    )
+    with pytest.raises(SsdoptError, match="pip install cmake"):
+        plugin_build.build_native(build_root=tmp_path, cuda=False)
+
+
+def test_cuda_requested_without_nvcc_says_what_to_install(monkeypatch, tmp_path):  # noqa: ANN001
+    monkeypatch.setattr(plugin_build, "find_cuda_home", lambda: None)
+    with pytest.raises(SsdoptError, match="CUDA toolkit"):
+        plugin_build.build_native(build_root=tmp_path, cuda=True)
+    with pytest.raises(SsdoptError, match="CUDA toolkit"):
+        plugin_build.build_torch_ops(build_root=tmp_path, cuda=True)
