@@ -71,7 +71,9 @@ def optimize(
     registered = f"{s['model_name']}.{target}"
 
     futures = [
-        build.submit(e["backend"], e["precision"], s["onnx"], s["engines_dir"], s["calibration"])
+        build.submit(
+            e["backend"], e["precision"], s["onnx"], s["engines_dir"], s["calibration"], e.get("threads")
+        )
         for e in s["engines"]
     ]
     built = [f.result() for f in futures]

@@ -12,10 +12,12 @@ from ssdopt.build import build_engine
 
 
 @task(name="build-engine", retries=1, retry_delay_seconds=2)
-def build(backend: str, precision: str, onnx: str, out: str, calibration: dict[str, Any]) -> dict[str, Any]:
+def build(
+    backend: str, precision: str, onnx: str, out: str, calibration: dict[str, Any], threads: int | None = None
+) -> dict[str, Any]:
     """Build (or reuse: builds are content-addressed) one engine. Failures become a ❌ row, not a crash."""
     logger = get_run_logger()
-    spec = BuildSpec(precision=precision, calibration=CalibrationSpec(**calibration))
+    spec = BuildSpec(precision=precision, calibration=CalibrationSpec(**calibration), threads=threads)
     try:
         engine = build_engine(backend, precision, Path(onnx), Path(out), spec)
     except Exception as exc:  # noqa: BLE001 - reported in the table with its reason

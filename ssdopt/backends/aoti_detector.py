@@ -170,9 +170,11 @@ def detector_module(model: Any, precision: str = "fp32", image_size: int | None 
     import torch
 
     from ssdopt.models.zoo import model_image_size
+    from ssdopt.ops.library import load_torch_ops
 
     if precision not in TORCH_DTYPES:
         raise SsdoptError(f"--precision {precision} for {NAME}", "fp32, fp16 or bf16", "pick one of those")
+    load_torch_ops()  # forward calls torch.ops.ssdopt.decode_nms
     size = int(image_size or model_image_size(model))
     return _detector_class()(model.eval(), size, getattr(torch, TORCH_DTYPES[precision])).eval()
 
