@@ -51,6 +51,7 @@ def test_directory_contents_and_metadata(exported):
         "anchors.npy",
         "export.json",
         "model.onnx",
+        "model_nms.onnx",
         "model_unfolded.onnx",
     ]
     info = json.loads((out / "export.json").read_text())
@@ -185,3 +186,34 @@ def test_bad_requests_leave_nothing(tmp_path):
         export_onnx(model, precious)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
     assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_nms_variant_runs_the_fused_op_like_the_reference(exported, images):
+    """model_nms.onnx = model.onnx + SSDDecodeNMS; through ONNX Runtime it equals the reference decode."""
+    from ssdopt.ops import reference_decode_nms
+    from ssdopt.ops.onnx_node import find_decode_nms_node
+    from ssdopt.ops.ort import run_checked, session_from_onnx
+
+    out, _ = exported
+    graph = onnx.load(str(out / "model_nms.onnx"))
+    node = find_decode_nms_node(graph)
+    assert node.domain == "ssdopt" and [o.name for o in graph.graph.output] == [
+        "num_detections",
+        "boxes",
+        "scores",
+        "labels",
+    ]
+    batch = images.numpy()
+    deltas, logits = _session(out / "model.onnx").run(["box_deltas", "class_logits"], {"images": batch})
+    ref = reference_decode_nms(
+        torch.from_numpy(deltas),
+        torch.from_numpy(logits),
+        torch.from_numpy(np.load(out / "anchors.npy")),
+        image_height=SIZE,
+        image_width=SIZE,
+    )
+    got = run_checked(session_from_onnx(graph), {"images": batch})
+    np.testing.assert_array_equal(got[0], ref[0].numpy())
+    for i, n in enumerate(ref[0].tolist()):
+        assert n > 0
+        np.testing.assert_allclose(np.sort(got[2][i, :n]), np.sort(ref[2][i, :n].numpy()), atol=1e-5)
