@@ -80,12 +80,14 @@ def data_calibration(
 def _register_commands() -> None:
     """Commands that live beside the library modules they wrap."""
     from ssdopt import commands_eval, commands_models
-    from ssdopt.commands_engines import build
+    from ssdopt.commands_engines import build, quantize
 
     app.command("train")(commands_models.train)
     app.command("export")(commands_models.export)
     app.command("evaluate-checkpoint")(commands_models.evaluate_checkpoint)
     app.command("build")(build)
+    app.command("quantize")(quantize)
+    app.command("evaluate-engines")(commands_eval.evaluate_engines)
     app.command("bench")(commands_eval.bench)
     app.command("evaluate")(commands_eval.evaluate)
     app.command("detect")(commands_eval.detect)

@@ -149,3 +149,126 @@ def report(
     from ssdopt.evaluate.report import write_report
 
     typer.echo(f"report: {write_report(Path(out or section('bench').get('out', 'reports')))}")
+
+
+def evaluate_engine_dirs(
+    engines: list[Path],
+    reference: Path,
+    dataset: Path,
+    limit: int | None,
+    timing: dict[str, Any],
+    budget_points: float,
+    min_agreement: float,
+    out: Path,
+) -> dict[str, Path]:
+    """Rows like `ssdopt bench` (mAP, ΔmAP and agreement vs `reference`, batch-1 latency) for built
+    engine dirs, written under `out`: metrics.json {engine name: metrics}, pareto.json (one point per
+    engine: p50_ms, map) and the bench outputs that `ssdopt report` renders. Returns the paths."""
+    from ssdopt.backends.base import Engine
+    from ssdopt.backends.engine_dir import engine_files
+    from ssdopt.data.coco import load_coco
+    from ssdopt.errors import SsdoptError
+    from ssdopt.evaluate.bench import FAILED_VALIDATION, STATUS_NAMES, VALIDATED
+    from ssdopt.evaluate.bench_output import write_bench_outputs, write_json
+    from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
+    from ssdopt.evaluate.latency import TimingPlan
+
+    if reference not in engines:
+        raise SsdoptError(reference, f"one of the evaluated engines {[str(e) for e in engines]}", "pass it")
+    ds = load_coco(dataset)
+    plan = TimingPlan(**timing)
+    rows: list[dict[str, Any]] = []
+    for path in engines:
+        engine = Engine.open(path)
+        meta = engine.metadata
+        result = evaluate_engine(engine, ds, limit=limit, progress=False)
+        stats = engine_latency(engine, batch=1, plan=plan)
+        rows.append(
+            {
+                "name": path.name,
+                "backend": meta["backend"],
+                "precision": meta["precision"],
+                "graph": "quantized" if meta.get("quantization") or meta.get("fp16") else "export",
+                "engine": str(path),
+                "status": VALIDATED,
+                "size_mb": sum(f.stat().st_size for f in engine_files(path, meta)) / 1e6,
+                "build_s": meta.get("build_time_s"),
+                "map": result.metrics["map"],
+                "map_50": result.metrics["map_50"],
+                "detections": result.detections,
+                "p50_ms": stats.median_ms,
+                "p99_ms": stats.p99_ms,
+                "throughput_ips": stats.throughput_ips,
+            }
+        )
+    ref = rows[engines.index(reference)]
+    for row in rows:
+        row["delta_map"] = 100.0 * (row["map"] - ref["map"])
+        row["agreement"] = agreement(row["detections"], ref["detections"])
+        row["speedup"] = ref["p50_ms"] / row["p50_ms"]
+        problems = []
+        if row["delta_map"] < -budget_points:
+            problems.append(f"mAP {row['delta_map']:+.2f} points (budget -{budget_points:g})")
+        if row["agreement"] < min_agreement:
+            problems.append(f"agreement {row['agreement']:.3f} < {min_agreement:g}")
+        if problems:
+            row.update(status=FAILED_VALIDATION, reason="; ".join(problems))
+        row["status_name"] = STATUS_NAMES[row["status"]]
+    for row in rows:
+        del row["detections"]
+    keys = ("map", "map_50", "delta_map", "agreement", "p50_ms", "p99_ms", "throughput_ips", "size_mb")
+    metrics = {r["name"]: {k: r[k] for k in keys} for r in rows}
+    pareto = [
+        {"engine": r["name"], "p50_ms": r["p50_ms"], "map": r["map"], "status": r["status_name"]}
+        for r in rows
+    ]
+    context = {"dataset": str(dataset), "images": limit, "reference": str(reference), "timing": timing}
+    return {
+        "metrics": write_json(metrics, out / "metrics.json"),
+        "pareto_data": write_json(pareto, out / "pareto.json"),
+        **write_bench_outputs(rows, out, context),
+    }
+
+
+def evaluate_engines(
+    engine: list[Path] = typer.Argument(..., help="Engine directories (e.g. artifacts/engines/*)."),
+    reference: Path | None = typer.Option(None, help="fp32 engine for ΔmAP and agreement (default: first)."),
+    dataset: Path | None = typer.Option(None, help="COCO split json (default: <generate.out>/<split>.json)."),
+    limit: int | None = typer.Option(None, help="First N images (params: optimize.eval_images)."),
+    out: Path = typer.Option(Path("reports"), help="Reports dir: metrics.json, pareto.json, bench.json..."),
+) -> None:
+    """mAP and latency of built engines: reports/metrics.json (DVC metrics), pareto.json (DVC plots),
+    and bench.json/bench.md/pareto.png for `ssdopt report` (the DVC `evaluate` stage)."""
+    opt = section("optimize")
+    timing = opt.get("timing") or {}
+    split = opt.get("split", "val")
+    paths = evaluate_engine_dirs(
+        list(engine),
+        reference or engine[0],
+        dataset or Path(section("generate").get("out", "data/synthetic")) / f"{split}.json",
+        int(limit if limit is not None else opt.get("eval_images", 300)) or None,
+        {k: timing[k] for k in ("warmup_s", "min_duration_s", "min_iterations") if k in timing},
+        float(opt.get("map_budget", 1.0)),
+        float(opt.get("min_agreement", 0.8)),
+        out,
+    )
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+def main() -> None:
+    """`python -m ssdopt.commands_eval evaluate-engines` (before the command is wired into the CLI)."""
+    from ssdopt.errors import SsdoptError
+
+    app = typer.Typer(no_args_is_help=True, add_completion=False)
+    app.command("evaluate-engines")(evaluate_engines)
+    app.command("report")(report)
+    try:
+        app()
+    except SsdoptError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
