@@ -49,7 +49,8 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         },
         "onnx": build_params.get("onnx", "artifacts/onnx/model.onnx"),
         "dataset": params.get("generate", {}).get("out", "data/synthetic"),
-        "stage": opt["dvc_stage"] if "dvc_stage" in opt else "export",
+        # the DVC stages the flow needs: data, calibration set, export (engines are built by the flow)
+        "stages": opt["dvc_stages"] if "dvc_stages" in opt else ["generate", "calibration", "export"],
     }
 
 
@@ -58,15 +59,15 @@ def optimize(
     params_file: str = "params.yaml",
     engines: list[dict[str, str]] | None = None,
     eval_images: int | None = None,
-    dvc_stage: str | None = None,
+    dvc_stages: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build, evaluate, log and promote every engine of params.yaml `optimize.engines`."""
     logger = get_run_logger()
     s = _settings(
-        load_params(params_file), {"engines": engines, "eval_images": eval_images, "dvc_stage": dvc_stage}
+        load_params(params_file), {"engines": engines, "eval_images": eval_images, "dvc_stages": dvc_stages}
     )
-    # dvc_stage null: data and export are given (tests, external data); nothing is reproduced.
-    versions = dvc_repro(s["stage"]) if s["stage"] else {}
+    # dvc_stages empty: data and export are given (tests, external data); nothing is reproduced.
+    versions = dvc_repro(list(s["stages"])) if s["stages"] else {}
     target = deployment_target("cpu")
     registered = f"{s['model_name']}.{target}"
 

@@ -29,11 +29,11 @@ def repo_lock(root: Path):
 
 
 @task(name="dvc-repro", retries=1, retry_delay_seconds=5)
-def dvc_repro(stage: str, root: str = ".") -> dict[str, str | None]:
-    """`dvc repro <stage>` (and what it depends on); returns the DVC md5 of each pipeline output."""
+def dvc_repro(stages: list[str], root: str = ".") -> dict[str, str | None]:
+    """`dvc repro <stages...>` (and what they depend on); returns the DVC md5 of each pipeline output."""
     root_path = Path(root).resolve()
     dvc = Path(sys.executable).with_name("dvc")
-    command = [str(dvc) if dvc.exists() else "dvc", "repro", stage]
+    command = [str(dvc) if dvc.exists() else "dvc", "repro", *stages]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with repo_lock(root_path):
         proc = subprocess.run(command, cwd=root_path, env=env, capture_output=True, text=True)
@@ -41,9 +41,9 @@ def dvc_repro(stage: str, root: str = ".") -> dict[str, str | None]:
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     if proc.returncode != 0:
         raise SsdoptError(
-            f"dvc repro {stage}", f"exit code 0, got {proc.returncode}:\n{tail}", "fix the stage"
+            f"dvc repro {' '.join(stages)}", f"exit code 0, got {proc.returncode}:\n{tail}", "fix the stage"
         )
-    logger.info("dvc repro %s:\n%s", stage, tail)
+    logger.info("dvc repro %s:\n%s", " ".join(stages), tail)
     lock = root_path / "dvc.lock"
     return {
         "synthetic": output_md5("data/synthetic", lock),

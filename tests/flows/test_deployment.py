@@ -143,7 +143,7 @@ def tiny_params(tmp_path: Path, tiny_export) -> Path:
             "experiment": "deployment-test",
             "model_name": "tiny",
             "mlflow_root": str(tmp_path / "mlflow"),
-            "dvc_stage": None,
+            "dvc_stages": [],
         },
     }
     path = tmp_path / "params.yaml"

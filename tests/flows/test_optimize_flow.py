@@ -41,7 +41,7 @@ def tiny_project(tmp_path: Path, tiny_export, monkeypatch: pytest.MonkeyPatch) -
             "experiment": "test",
             "model_name": "tiny",
             "mlflow_root": str(tmp_path / "mlflow"),
-            "dvc_stage": None,
+            "dvc_stages": [],
         },
     }
     path = tmp_path / "params.yaml"
