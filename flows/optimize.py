@@ -181,8 +181,22 @@ def optimize(
     return {"rows": rows, "decision": decision, "registered_model": registered}
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`make run`: the flow, then its table and champion on stdout (flushed: Prefect's temporary
+    server exits the interpreter hard, which would drop buffered output)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     result = optimize()
-    champion = result["decision"].get("champion")
-    print(f"champion of {result['registered_model']}: v{champion}" if champion else "no champion")
+    decision = result["decision"]
+    print(markdown_table(result["rows"]), flush=True)
+    champion = decision.get("champion")
+    line = f"champion of {result['registered_model']}: v{champion}" if champion else "no champion"
+    if champion:
+        row = next((r for r in result["rows"] if r.get("version") == champion), None)
+        if row:
+            line += f" ({row['backend']} {row['precision']}, p99 {row['p99_ms']:.2f} ms"
+            line += f", mAP {row['map']:.4f})"
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
