@@ -45,6 +45,7 @@ def main() -> None:
             model,
             Path(work) / "onnx",
             image_size=300,
+            tolerance=1e-3,  # random-weight VGG: outputs in the hundreds, 1.6e-4 abs = 1e-6 relative
             meta={"model": "ssd300_vgg16", "class_names": ["__background__"] + [f"c{i}" for i in range(10)]},
         )
         graph = write_decode_nms_variant(export)
