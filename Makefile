@@ -13,7 +13,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup run test lint clean
+.PHONY: setup run repro test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/python -m flows.optimize
 	$(BIN)/ssdopt summary
+
+## The same stages through DVC alone (no Prefect, no MLflow): dvc.yaml.
+repro: setup
+	$(BIN)/dvc repro
 
 ## Lint and the whole test suite.
 test: setup
