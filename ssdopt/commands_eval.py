@@ -222,7 +222,26 @@ def evaluate_engine_dirs(
         {"engine": r["name"], "p50_ms": r["p50_ms"], "map": r["map"], "status": r["status_name"]}
         for r in rows
     ]
-    context = {"dataset": str(dataset), "images": limit, "reference": str(reference), "timing": timing}
+    import datetime
+    import platform
+
+    from ssdopt.backends.device import cpu_info
+    from ssdopt.evaluate.latency import cpu_threads
+
+    context = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_info(), "threads": cpu_threads(), "platform": platform.platform()},
+        "command": "ssdopt evaluate-engines (DVC stage evaluate)",
+        "model": f"engines of {reference}",
+        "dataset": str(dataset),
+        "images": limit,
+        "batch": 1,
+        "reference": str(reference),
+        "plan": timing if isinstance(timing, dict) else getattr(timing, "__dict__", {}),
+        "budget_points": budget_points,
+        "min_agreement": min_agreement,
+        "legend": STATUS_NAMES,
+    }
     return {
         "metrics": write_json(metrics, out / "metrics.json"),
         "pareto_data": write_json(pareto, out / "pareto.json"),
