@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ssdopt.config import section
+from ssdopt.config import pick, section
 from ssdopt.errors import SsdoptError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -15,13 +15,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Synthetic dataset and calibra
 plugin_app = typer.Typer(no_args_is_help=True, help="The SSDDecodeNMS native plugin.")
 app.add_typer(data_app, name="data")
 app.add_typer(plugin_app, name="plugin")
-
-
-def _pick(value, params: dict, key: str, default):
-    """CLI value if given, else params.yaml, else the built-in default."""
-    if value is not None:
-        return value
-    return params.get(key, default)
 
 
 @data_app.command("generate")
@@ -39,14 +32,14 @@ def data_generate(
 
     p = section("generate")
     splits = {
-        "train": _pick(train, p, "train", 6000),
-        "val": _pick(val, p, "val", 1000),
-        "test": _pick(test, p, "test", 1000),
+        "train": pick(train, p, "train", 6000),
+        "val": pick(val, p, "val", 1000),
+        "test": pick(test, p, "test", 1000),
     }
     path = generate_dataset(
-        Path(_pick(out, p, "out", "data/synthetic")),
-        seed=_pick(seed, p, "seed", 0),
-        image_size=_pick(image_size, p, "image_size", 320),
+        Path(pick(out, p, "out", "data/synthetic")),
+        seed=pick(seed, p, "seed", 0),
+        image_size=pick(image_size, p, "image_size", 320),
         splits=splits,
         workers=workers or None,
     )
@@ -69,10 +62,10 @@ def data_calibration(
     path = select_calibration_set(
         root / "train.json",
         root / "train",
-        Path(_pick(out, p, "out", "data/calibration")),
-        num_images=_pick(num_images, p, "num_images", 512),
-        strategy=_pick(strategy, p, "strategy", "class-balanced"),
-        seed=_pick(seed, p, "seed", 0),
+        Path(pick(out, p, "out", "data/calibration")),
+        num_images=pick(num_images, p, "num_images", 512),
+        strategy=pick(strategy, p, "strategy", "class-balanced"),
+        seed=pick(seed, p, "seed", 0),
     )
     typer.echo(f"calibration set written to {path}")
 

@@ -10,14 +10,7 @@ from typing import Any
 
 import typer
 
-from ssdopt.config import section
-
-
-def _pick(value: Any, params: dict[str, Any], key: str, default: Any) -> Any:
-    """CLI value if given, else params.yaml, else the built-in default."""
-    if value is not None:
-        return value
-    return params.get(key, default)
+from ssdopt.config import pick, section
 
 
 def build(
@@ -54,8 +47,8 @@ def build(
     p = section("build")
     cal = p.get("calibration") or {}
     calibration_spec = CalibrationSpec(
-        directory=Path(_pick(calibration, cal, "directory", "data/calibration")),
-        method=_pick(method, cal, "method", "minmax"),
+        directory=Path(pick(calibration, cal, "directory", "data/calibration")),
+        method=pick(method, cal, "method", "minmax"),
         num_images=cal.get("num_images"),
         num_bins=int(cal.get("num_bins", 2048)),
         percentile=float(cal.get("percentile", 99.999)),
@@ -63,9 +56,9 @@ def build(
     timing_cache = p.get("timing_cache")
     plugin = p.get("plugin_library")
     spec = BuildSpec(
-        device=_pick(device, p, "device", "cpu"),
-        max_batch=int(_pick(max_batch, p, "max_batch", 8)),
-        threads=_pick(threads, p, "threads", None),
+        device=pick(device, p, "device", "cpu"),
+        max_batch=int(pick(max_batch, p, "max_batch", 8)),
+        threads=pick(threads, p, "threads", None),
         calibration=calibration_spec,
         per_channel=bool(p.get("per_channel", True)),
         int8_exclude=tuple(exclude or p.get("int8_exclude") or ()),
@@ -76,12 +69,12 @@ def build(
         version_compatible=bool(p.get("version_compatible", False)),
     )
     args = (
-        _pick(backend, p, "backend", "onnxruntime"),
-        _pick(precision, p, "precision", "fp32"),
-        Path(_pick(onnx, p, "onnx", "artifacts/onnx/model.onnx")),
+        pick(backend, p, "backend", "onnxruntime"),
+        pick(precision, p, "precision", "fp32"),
+        Path(pick(onnx, p, "onnx", "artifacts/onnx/model.onnx")),
     )
     if exact_out is None:
-        engine = build_engine(*args, Path(_pick(out, p, "out", "artifacts/engines")), spec)
+        engine = build_engine(*args, Path(pick(out, p, "out", "artifacts/engines")), spec)
     else:
         engine = build_engine_at(*args, exact_out, spec)
     meta = engine.metadata
@@ -191,7 +184,7 @@ def quantize(
     p, q = section("build"), section("quantize")
     cal = p.get("calibration") or {}
     spec = CalibrationSpec(
-        directory=Path(_pick(calibration, cal, "directory", "data/calibration")),
+        directory=Path(pick(calibration, cal, "directory", "data/calibration")),
         method=method or q.get("calibration_method") or cal.get("method", "minmax"),
         num_images=q.get("num_images", cal.get("num_images")),
         num_bins=int(q.get("num_bins", cal.get("num_bins", 2048))),
@@ -199,29 +192,9 @@ def quantize(
     )
     path = quantize_graph(
         precision,
-        Path(_pick(onnx, p, "onnx", "artifacts/onnx/model.onnx")),
+        Path(pick(onnx, p, "onnx", "artifacts/onnx/model.onnx")),
         out or Path("artifacts/quantized") / precision,
         spec,
         target,
     )
     typer.echo(f"{precision} graph: {path / 'model.onnx'}")
-
-
-def main() -> None:
-    """`python -m ssdopt.commands_engines quantize|build` (before the commands are wired into the CLI)."""
-    import sys
-
-    from ssdopt.errors import SsdoptError
-
-    app = typer.Typer(no_args_is_help=True, add_completion=False)
-    app.command("quantize")(quantize)
-    app.command("build")(build)
-    try:
-        app()
-    except SsdoptError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()

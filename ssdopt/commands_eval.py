@@ -9,14 +9,7 @@ from typing import Any
 
 import typer
 
-from ssdopt.config import section
-
-
-def _pick(value: Any, params: dict[str, Any], key: str, default: Any) -> Any:
-    """CLI value if given, else params.yaml, else the built-in default."""
-    if value is not None:
-        return value
-    return params.get(key, default)
+from ssdopt.config import pick, section
 
 
 def build_spec_from_params() -> Any:
@@ -74,10 +67,10 @@ def bench(
     )
     default_limit = p.get("quick_limit", 16) if quick else p.get("limit", 200)
     cfg = BenchConfig(
-        backends=as_tuple(_pick(backends, p, "backends", "onnxruntime,openvino,tensorrt,torch-aoti")),
-        precisions=as_tuple(_pick(precisions, p, "precisions", "fp32,int8")),
-        peers=as_tuple(_pick(peers, p, "peers", "torch-eager,torch-compile,onnxruntime-fp32")),
-        batch=int(_pick(batch, p, "batch", 1)),
+        backends=as_tuple(pick(backends, p, "backends", "onnxruntime,openvino,tensorrt,torch-aoti")),
+        precisions=as_tuple(pick(precisions, p, "precisions", "fp32,int8")),
+        peers=as_tuple(pick(peers, p, "peers", "torch-eager,torch-compile,onnxruntime-fp32")),
+        batch=int(pick(batch, p, "batch", 1)),
         limit=int(limit if limit is not None else default_limit) or None,
         plan=plan,
         budget_points=float(p.get("budget_points", 1.0)),
@@ -89,10 +82,10 @@ def bench(
     )
     model_checkpoint = section("model").get("checkpoint", "data/reference/ssdlite320_shapes.safetensors")
     rows = run_bench(
-        Path(_pick(checkpoint, p, "checkpoint", model_checkpoint)),
-        Path(_pick(dataset, p, "dataset", "data/synthetic/val.json")),
-        Path(_pick(out, p, "out", "reports")),
-        Path(_pick(work, p, "work", "artifacts/bench")),
+        Path(pick(checkpoint, p, "checkpoint", model_checkpoint)),
+        Path(pick(dataset, p, "dataset", "data/synthetic/val.json")),
+        Path(pick(out, p, "out", "reports")),
+        Path(pick(work, p, "work", "artifacts/bench")),
         cfg,
         command="ssdopt " + shlex.join(sys.argv[1:]),
     )
@@ -113,7 +106,7 @@ def evaluate(
     from ssdopt.evaluate.engine import agreement, evaluate_engine
 
     p = section("bench")
-    ds = subset(load_coco(Path(_pick(dataset, p, "dataset", "data/synthetic/val.json"))), limit or None)
+    ds = subset(load_coco(Path(pick(dataset, p, "dataset", "data/synthetic/val.json"))), limit or None)
     result = evaluate_engine(engine, ds)
     metrics = {"engine": str(engine), "dataset": str(ds.path), **result.metrics}
     if reference is not None:
@@ -273,21 +266,3 @@ def evaluate_engines(
     )
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
-
-
-def main() -> None:
-    """`python -m ssdopt.commands_eval evaluate-engines` (before the command is wired into the CLI)."""
-    from ssdopt.errors import SsdoptError
-
-    app = typer.Typer(no_args_is_help=True, add_completion=False)
-    app.command("evaluate-engines")(evaluate_engines)
-    app.command("report")(report)
-    try:
-        app()
-    except SsdoptError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(exc.exit_code)
-
-
-if __name__ == "__main__":
-    main()

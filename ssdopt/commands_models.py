@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from ssdopt.config import section
-
-
-def _pick(value: Any, params: dict[str, Any], key: str, default: Any) -> Any:
-    """CLI value if given, else params.yaml, else the built-in default."""
-    if value is not None:
-        return value
-    return params.get(key, default)
+from ssdopt.config import pick, section
 
 
 def train(
@@ -55,25 +47,25 @@ def train(
     p, m, g = section("train"), section("model"), section("generate")
     base = TrainConfig(dataset=Path("."), out=Path("."))
     cfg = TrainConfig(
-        dataset=Path(_pick(dataset, g, "out", "data/synthetic")),
-        out=Path(_pick(out, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
-        model=_pick(model, m, "name", base.model),
-        seed=_pick(seed, p, "seed", base.seed),
-        batch_size=_pick(batch_size, p, "batch_size", base.batch_size),
-        max_epochs=_pick(max_epochs, p, "max_epochs", base.max_epochs),
-        time_budget_s=_pick(time_budget_s, p, "time_budget_s", base.time_budget_s),
-        optimizer=_pick(optimizer, p, "optimizer", base.optimizer),
-        lr=_pick(lr, p, "lr", base.lr),
-        weight_decay=_pick(weight_decay, p, "weight_decay", base.weight_decay),
-        warmup_epochs=_pick(warmup_epochs, p, "warmup_epochs", base.warmup_epochs),
-        amp=_pick(amp, p, "amp", base.amp),
-        eval_every=_pick(eval_every, p, "eval_every", base.eval_every),
-        final_eval=_pick(final_eval, p, "final_eval", base.final_eval),
-        device=_pick(device, p, "device", base.device),
+        dataset=Path(pick(dataset, g, "out", "data/synthetic")),
+        out=Path(pick(out, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        model=pick(model, m, "name", base.model),
+        seed=pick(seed, p, "seed", base.seed),
+        batch_size=pick(batch_size, p, "batch_size", base.batch_size),
+        max_epochs=pick(max_epochs, p, "max_epochs", base.max_epochs),
+        time_budget_s=pick(time_budget_s, p, "time_budget_s", base.time_budget_s),
+        optimizer=pick(optimizer, p, "optimizer", base.optimizer),
+        lr=pick(lr, p, "lr", base.lr),
+        weight_decay=pick(weight_decay, p, "weight_decay", base.weight_decay),
+        warmup_epochs=pick(warmup_epochs, p, "warmup_epochs", base.warmup_epochs),
+        amp=pick(amp, p, "amp", base.amp),
+        eval_every=pick(eval_every, p, "eval_every", base.eval_every),
+        final_eval=pick(final_eval, p, "final_eval", base.final_eval),
+        device=pick(device, p, "device", base.device),
         limit_train=limit_train,
         limit_val=limit_val,
         history=history,
-        workers=_pick(workers, p, "workers", base.workers),
+        workers=pick(workers, p, "workers", base.workers),
     )
     result = run_training(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(
@@ -95,11 +87,11 @@ def export(
 
     m, e = section("model"), section("export")
     path = export_checkpoint(
-        Path(_pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
-        Path(_pick(out, e, "out", "artifacts/onnx")),
-        image_size=_pick(image_size, m, "image_size", None),
-        opset=_pick(opset, e, "opset", 18),
-        tolerance=_pick(tolerance, e, "tolerance", 1e-4),
+        Path(pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        Path(pick(out, e, "out", "artifacts/onnx")),
+        image_size=pick(image_size, m, "image_size", None),
+        opset=pick(opset, e, "opset", 18),
+        tolerance=pick(tolerance, e, "tolerance", 1e-4),
     )
     typer.echo(f"exported to {path}")
 
@@ -116,9 +108,9 @@ def evaluate_checkpoint(
     from ssdopt.evaluate.accuracy import evaluate_checkpoint as run_evaluation
 
     m, g = section("model"), section("generate")
-    root = Path(_pick(dataset, g, "out", "data/synthetic"))
+    root = Path(pick(dataset, g, "out", "data/synthetic"))
     metrics = run_evaluation(
-        Path(_pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
+        Path(pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
         root / f"{split}.json",
         batch_size=batch_size,
         device=device,

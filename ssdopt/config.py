@@ -32,3 +32,10 @@ def section(name: str, path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
     """One section of params.yaml, or {} when absent."""
     value = load_params(path).get(name, {})
     return value if isinstance(value, dict) else {}
+
+
+def pick(value: Any, params: dict[str, Any], key: str, default: Any) -> Any:
+    """CLI value if given, else params.yaml's `key`, else the built-in default."""
+    if value is not None:
+        return value
+    return params.get(key, default)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import onnx
 import openvino as ov
@@ -16,21 +13,9 @@ from ssdopt.build import build_engine
 from ssdopt.fusion import find_chains, fusion_report, fusion_table
 
 
-def _tiny():
-    name = "ssdopt_tests_tiny_model"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parent / "backends" / "tiny_model.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
-def export(request):
-    return _tiny().cached_export(request.config)
+def export(tiny_export):
+    return tiny_export
 
 
 def test_chains_of_the_unfolded_export(export) -> None:

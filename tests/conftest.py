@@ -1,4 +1,5 @@
-"""Fixtures shared with tests/backends: the tiny exported detector and a tiny calibration set."""
+"""Fixtures shared across the suite: the tiny exported detector of tests/backends/tiny_model.py
+(registered as the module `ssdopt_tests_tiny_model`) and a tiny calibration set."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 
 
-def _helper():
+def _tiny_model_module():
     name = "ssdopt_tests_tiny_model"
     if name not in sys.modules:
-        path = Path(__file__).parents[1] / "backends" / "tiny_model.py"
+        path = Path(__file__).parent / "backends" / "tiny_model.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
@@ -20,7 +21,7 @@ def _helper():
     return sys.modules[name]
 
 
-tiny = _helper()
+tiny = _tiny_model_module()
 
 
 @pytest.fixture(scope="session")
