@@ -50,8 +50,17 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         "onnx": build_params.get("onnx", "artifacts/onnx/model.onnx"),
         "dataset": params.get("generate", {}).get("out", "data/synthetic"),
         # the DVC stages the flow needs: data, calibration set, export (engines are built by the flow)
+        "reports": opt.get("reports", "reports"),
         "stages": opt["dvc_stages"] if "dvc_stages" in opt else ["generate", "calibration", "export"],
     }
+
+
+def _write_report(path: Path, text: str) -> None:
+    """The run's table and champion, for `ssdopt summary` (atomic: temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -178,6 +187,7 @@ def optimize(
     )
     create_table_artifact(key="optimize-engines", table=format_rows(rows), description="Engines of this run")
     logger.info("\n%s%s", table, link)
+    _write_report(Path(s["reports"]) / "optimize.md", f"{table}{link}\n")
     return {"rows": rows, "decision": decision, "registered_model": registered}
 
 

@@ -188,6 +188,9 @@ def summary() -> None:
             details += f", dvc md5={md5}"
         table.add_row(name, str(path), details)
     Console().print(table)
+    report = Path(section("optimize").get("reports", "reports")) / "optimize.md"
+    if report.exists():  # written by the optimize flow: engines, statuses and the champion
+        typer.echo(report.read_text())
 
 
 def main() -> None:
