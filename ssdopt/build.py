@@ -9,11 +9,13 @@ reused, and different builds never overwrite each other:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ from ssdopt import __version__
 from ssdopt.backends.base import BuildSpec, Engine, get_backend
 from ssdopt.backends.device import device_info
 from ssdopt.backends.engine_dir import SCHEMA, engine_files
-from ssdopt.backends.graph import has_custom_nms, input_spec, load_topology, sha256_file, sha256_files
+from ssdopt.backends.graph import has_custom_nms, input_spec, load_topology
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import created_dirs, sha256_file, sha256_files
 from ssdopt.quantize.calibration_reader import calibration_reader, calibration_version
 from ssdopt.quantize.int8 import is_quantized, quantize_int8, quantize_with_budget
 
@@ -196,18 +199,37 @@ def build_engine(
     final = out / f"{backend}-{precision}-{key[:12]}"
     if _reusable(final, key):
         return Engine.open(final)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as work:
-        graph, record = prepare_graph(onnx_path, spec, backend, Path(work), accuracy)
-        provenance = {
-            "source_onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
-            "source_dir": str(onnx_path.parent),
-            "build_key": key,
-            "calibration": calibration,
-            "prepare_time_s": time.perf_counter() - start,
-            "unfolded_onnx": str(unfolded_onnx) if unfolded_onnx else None,
-            "graph_is_derived": graph != onnx_path,
-            **record,
-        }
-        return runtime.build(graph, spec, final, provenance=provenance)
+    with created_dirs(out), _key_lock(out / f".{final.name}.lock"):
+        if _reusable(final, key):  # a concurrent process built the same key while we waited
+            return Engine.open(final)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as work:
+            graph, record = prepare_graph(onnx_path, spec, backend, Path(work), accuracy)
+            provenance = {
+                "source_onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+                "source_dir": str(onnx_path.parent),
+                "build_key": key,
+                "calibration": calibration,
+                "prepare_time_s": time.perf_counter() - start,
+                "unfolded_onnx": str(unfolded_onnx) if unfolded_onnx else None,
+                "graph_is_derived": graph != onnx_path,
+                **record,
+            }
+            return runtime.build(graph, spec, final, provenance=provenance)
+
+
+@contextmanager
+def _key_lock(path: Path) -> Iterator[None]:
+    """One build of an engine key at a time across processes (two flows on one repository): the
+    second waits, then reuses the first's engine instead of replacing the directory under its readers.
+
+    flock is released by the kernel when a holder is killed. The file is removed by its holder: a
+    later arrival that locks a fresh file finds the engine built (or, after a failure, builds it).
+    """
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)

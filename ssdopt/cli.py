@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -114,14 +115,19 @@ def promote_command(
     budget: float | None = typer.Option(None, help="mAP budget in points (params: optimize.map_budget)."),
 ) -> None:
     """Apply the promotion policy to existing registered engine versions."""
+    import math
+
     from ssdopt.backends.device import deployment_target
     from ssdopt.tracking import local_store, promote
 
     opt = section("optimize")
+    points = float(budget if budget is not None else opt.get("map_budget", 1.0))
+    if not (math.isfinite(points) and points >= 0):  # checked before the registry is opened
+        raise SsdoptError(f"--budget {points}", "a mAP budget in points >= 0", "pass e.g. --budget 1.0")
     store = local_store(opt.get("mlflow_root", "mlflow"))
     for name in target or [deployment_target("cpu")]:
         model = f"{opt.get('model_name', 'ssdlite-shapes')}.{name}"
-        decision = promote(store, model, float(budget if budget is not None else opt.get("map_budget", 1.0)))
+        decision = promote(store, model, points)
         typer.echo(f"{model}: champion v{decision.champion} (previous v{decision.previous})")
         for version, reason in sorted(decision.reasons.items()):
             typer.echo(f"  v{version}: {reason}")
@@ -200,6 +206,16 @@ def main() -> None:
     except SsdoptError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = SsdoptError(  # writers are atomic: the partial output was already removed
+            exc.filename2 or exc.filename or "the output directory",
+            f"free space on its device ({exc.strerror}); nothing partial was kept",
+            "free disk space or write to another --out, then rerun",
+        )
+        typer.secho(f"error: {full}", fg=typer.colors.RED, err=True)
+        sys.exit(full.exit_code)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,12 @@ def build_engine_at(backend: str, precision: str, onnx: Path, dest: Path, spec: 
     """build_engine into a temp dir beside `dest`, then moved to exactly `dest` (DVC tracks that path)."""
     from ssdopt.backends.base import Engine
     from ssdopt.build import build_engine
+    from ssdopt.fileio import created_dirs
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as work:
+    with (
+        created_dirs(dest.parent),
+        tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.build-") as work,
+    ):
         engine = build_engine(backend, precision, onnx, Path(work), spec)
         replace_dir(engine.path, dest)
     return Engine.open(dest)
@@ -133,8 +136,14 @@ def quantize_graph(
         raise SsdoptError(f"--precision {precision}", "fp16 or int8", "fp32 needs no quantize step")
     if not onnx.is_file():
         raise SsdoptError(onnx, "an exported ONNX file", "run `dvc repro export` (or `ssdopt export`)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as tmp:
+    from ssdopt.backends.graph import load_topology
+    from ssdopt.fileio import created_dirs
+
+    load_topology(onnx)  # limits, opset and external data checked before anything is written
+    with (
+        created_dirs(dest.parent),
+        tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.work-") as tmp,
+    ):
         work = Path(tmp) / dest.name
         work.mkdir()
         if precision == "fp16":
@@ -142,7 +151,7 @@ def quantize_graph(
 
             record = {"fp16": convert_file_to_fp16(onnx, work / "model.onnx")}
         else:
-            from ssdopt.backends.graph import input_spec, load_topology
+            from ssdopt.backends.graph import input_spec
             from ssdopt.quantize.calibration_reader import calibration_reader, calibration_version
             from ssdopt.quantize.int8 import quantize_int8
 

@@ -101,9 +101,9 @@ def evaluate(
 ) -> None:
     """COCO mAP (pycocotools) of one engine, plus agreement with an fp32 engine; JSON output."""
     from ssdopt.data.coco import load_coco
-    from ssdopt.evaluate.accuracy import write_json
     from ssdopt.evaluate.bench import subset
     from ssdopt.evaluate.engine import agreement, evaluate_engine
+    from ssdopt.fileio import write_json
 
     p = section("bench")
     ds = subset(load_coco(Path(pick(dataset, p, "dataset", "data/synthetic/val.json"))), limit or None)
@@ -162,9 +162,10 @@ def evaluate_engine_dirs(
     from ssdopt.data.coco import load_coco
     from ssdopt.errors import SsdoptError
     from ssdopt.evaluate.bench import FAILED_VALIDATION, STATUS_NAMES, VALIDATED
-    from ssdopt.evaluate.bench_output import write_bench_outputs, write_json
+    from ssdopt.evaluate.bench_output import write_bench_outputs
     from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
     from ssdopt.evaluate.latency import TimingPlan
+    from ssdopt.fileio import write_json
 
     if reference not in engines:
         raise SsdoptError(reference, f"one of the evaluated engines {[str(e) for e in engines]}", "pass it")

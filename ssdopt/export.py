@@ -14,7 +14,6 @@ SSDDecodeNMS op is appended later). The output directory holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -28,6 +27,7 @@ from torch import nn
 
 from ssdopt.data import atomic_output_dir
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 from ssdopt.models.zoo import anchors_for, load_checkpoint, model_image_size, num_classes_of
 
 MARKER = "export.json"
@@ -59,14 +59,6 @@ class SSDBackboneHead(nn.Module):
         features = list(self.backbone(x).values())
         out = self.head(features)
         return out["bbox_regression"], out["cls_logits"]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _export_both(wrapper: nn.Module, example: torch.Tensor, folded: Path, unfolded: Path, opset: int) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE_DIR = REPO_ROOT / "plugins" / "nms"
@@ -144,14 +145,6 @@ def content_key(files: list[Path], base: Path, config: dict) -> str:
         digest.update(b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     digest.update(json.dumps(config, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ssdopt.backends.graph import sha256_file
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 INPUT_NAME = "images"
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

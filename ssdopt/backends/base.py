@@ -89,9 +89,9 @@ class BuildSpec:
             raise SsdoptError(f"device '{self.device}'", "cpu or cuda", "fix build.device")
         if not 1 <= self.opt_batch <= self.max_batch:
             raise SsdoptError(
-                f"opt_batch={self.opt_batch}, max_batch={self.max_batch}",
-                "1 <= opt_batch <= max_batch",
-                "fix them",
+                f"--max-batch {self.max_batch} (opt_batch {self.opt_batch})",
+                "batch sizes with 1 <= opt_batch <= max_batch",
+                "pass --max-batch 1 or more (params: build.max_batch)",
             )
 
     def key_fields(self) -> dict[str, Any]:

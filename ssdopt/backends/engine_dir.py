@@ -8,7 +8,6 @@ from the export when present. Written atomically: a failed build leaves nothing.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -20,17 +19,10 @@ import onnx
 
 from ssdopt.backends.base import BuildSpec, Engine, LayerInfo
 from ssdopt.backends.device import describe, same_device
-from ssdopt.backends.graph import (
-    has_custom_nms,
-    input_spec,
-    load_topology,
-    output_specs,
-    sha256_file,
-    sha256_files,
-    topology,
-)
+from ssdopt.backends.graph import has_custom_nms, input_spec, load_topology, output_specs, topology
 from ssdopt.data import atomic_output_dir
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file, sha256_files, write_json
 
 SCHEMA = "ssdopt-engine-1"
 METADATA = "metadata.json"
@@ -47,11 +39,6 @@ class CompileRecord:
     hardware_specific: bool = True
     settings: dict[str, Any] = field(default_factory=dict)  # e.g. inference precision hint, providers
     plugin: dict[str, Any] | None = None  # the native SSDDecodeNMS library the engine needs
-
-
-def write_json(path: Path, data: Any) -> Path:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    return path
 
 
 def plugin_record(model: onnx.ModelProto, spec: BuildSpec) -> dict[str, Any] | None:
@@ -102,7 +89,7 @@ def build_engine_dir(
         for name in EXPORT_SIDECARS:
             if (source_dir / name).is_file():
                 shutil.copyfile(source_dir / name, tmp / name)
-        write_json(tmp / "source_graph.json", topology(model))
+        write_json(topology(model), tmp / "source_graph.json")
         if provenance.get("graph_is_derived"):  # the fp16 / Q/DQ graph this engine was built from
             shutil.copyfile(onnx_path, tmp / "graph.onnx")
         metadata = {
@@ -139,9 +126,9 @@ def build_engine_dir(
                 else sha256_file(engine_files[0]),
             },
         }
-        write_json(tmp / METADATA, metadata)
+        write_json(metadata, tmp / METADATA)
         layers = backend.layers(tmp)
-        write_json(tmp / "layers.json", [layer.to_dict() for layer in layers])
+        write_json([layer.to_dict() for layer in layers], tmp / "layers.json")
         _write_fusion(
             tmp, provenance.get("unfolded_onnx") or _sibling_unfolded(onnx_path, source_dir), model, layers
         )
@@ -160,7 +147,7 @@ def _write_fusion(
 
     reference = load_topology(unfolded) if unfolded else source
     report = fusion_report(reference, source, layers, reference_path=str(unfolded) if unfolded else None)
-    write_json(tmp / "fusion.json", report)
+    write_json(report, tmp / "fusion.json")
     (tmp / "fusion.md").write_text(fusion_table(report))
 
 
@@ -188,7 +175,8 @@ def check_engine(
     if meta.get("schema") != SCHEMA or meta.get("backend") != backend:
         raise SsdoptError(
             engine_dir / METADATA,
-            f"a {SCHEMA} engine of backend '{backend}', got '{meta.get('backend')}'",
+            f"a {SCHEMA} engine of backend '{backend}', "
+            f"got schema {meta.get('schema')!r} of backend {meta.get('backend')!r}",
             rebuild,
         )
     files = engine_files(engine_dir, meta)

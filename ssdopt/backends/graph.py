@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +14,109 @@ NMS_DOMAIN = "ssdopt"
 NMS_OP = "SSDDecodeNMS"
 
 
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Limits for ONNX files from outside (configurable by environment; the defaults pass any SSD export).
+MAX_ONNX_MB_ENV = "SSDOPT_MAX_ONNX_MB"
+MAX_ONNX_NODES_ENV = "SSDOPT_MAX_ONNX_NODES"
+DEFAULT_MAX_ONNX_MB = 2048  # protobuf's own ceiling for one file
+DEFAULT_MAX_ONNX_NODES = 100_000  # ssd300 int8 Q/DQ has ~1,000
+MIN_OPSET = 13  # per-channel Q/DQ and every op the exporter emits
 
 
-def sha256_files(paths: list[Path]) -> str:
-    """One sha256 over several files (name + bytes each, in the given order): e.g. OpenVINO .xml + .bin."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0")
-        digest.update(bytes.fromhex(sha256_file(path)))
-    return digest.hexdigest()
+def _limit(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise SsdoptError(name, f"a positive number, got {text!r}", f"fix or unset {name}")
+    return value
+
+
+def onnx_limits() -> tuple[int, int]:
+    """(max file bytes, max node count) for an ONNX file, from SSDOPT_MAX_ONNX_MB / _NODES."""
+    megabytes = _limit(MAX_ONNX_MB_ENV, DEFAULT_MAX_ONNX_MB)
+    return int(megabytes * 2**20), int(_limit(MAX_ONNX_NODES_ENV, DEFAULT_MAX_ONNX_NODES))
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes of `graph` and of every subgraph (If/Loop/Scan bodies)."""
+    total = len(graph.node)
+    for node in graph.node:
+        for attribute in node.attribute:
+            total += sum(_count_nodes(g) for g in ([attribute.g] if attribute.HasField("g") else []))
+            total += sum(_count_nodes(g) for g in attribute.graphs)
+    return total
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or not MIN_OPSET <= version <= newest:
+        raise SsdoptError(
+            path,
+            f"default-domain opset {MIN_OPSET}..{newest} (what this onnx {onnx.__version__} knows), "
+            f"got {version}",
+            "re-export with `ssdopt export --opset 18`",
+        )
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Every external weight file exists inside the model's folder and is long enough."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    base = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            continue
+        info = ExternalDataInfo(tensor)
+        data = (base / info.location).resolve()
+        fix = "keep the model's .data file beside it, or re-export with external_data=False"
+        if not info.location or not data.is_relative_to(base):
+            raise SsdoptError(
+                path, f"external data inside {base} for '{tensor.name}', got {info.location!r}", fix
+            )
+        if not data.is_file():
+            raise SsdoptError(data, f"the external-data file {path.name} needs for '{tensor.name}'", fix)
+        end = (info.offset or 0) + (info.length or 0)
+        if data.stat().st_size < end:
+            raise SsdoptError(
+                data, f"at least {end} bytes for '{tensor.name}', got {data.stat().st_size}", fix
+            )
 
 
 def load_topology(path: Path | str) -> onnx.ModelProto:
-    """The graph without external weight files (enough for names, types and shapes)."""
+    """The graph without external weight files (enough for names, types and shapes), after checks
+    that make a file from outside safe to hand to a runtime: size and node limits (onnx_limits),
+    a known opset, external-data files present and inside the model's folder."""
     path = Path(path)
     if not path.is_file():
         raise SsdoptError(path, "an ONNX file", "export the model first (`ssdopt export`)")
+    max_bytes, max_nodes = onnx_limits()
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise SsdoptError(
+            path,
+            f"an ONNX file of at most {max_bytes / 2**20:.3g} MB ({MAX_ONNX_MB_ENV}), "
+            f"got {size / 2**20:.3g} MB",
+            f"raise {MAX_ONNX_MB_ENV} if you trust this file",
+        )
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends
         raise SsdoptError(path, f"a readable ONNX model ({exc})", "re-export the model") from exc
+    nodes = _count_nodes(model.graph)
+    if nodes > max_nodes:
+        raise SsdoptError(
+            path,
+            f"at most {max_nodes} nodes ({MAX_ONNX_NODES_ENV}), got {nodes}",
+            f"raise {MAX_ONNX_NODES_ENV} if you trust this file",
+        )
+    _check_opset(model, path)
+    _check_external_data(model, path)
+    return model
 
 
 def has_custom_nms(model: onnx.ModelProto) -> bool:

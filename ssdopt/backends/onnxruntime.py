@@ -8,6 +8,7 @@ recorded and checked at load. Loading runs the saved graph as is (further optimi
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from ssdopt.backends.base import (
 )
 from ssdopt.backends.device import device_info
 from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine, check_plugin
-from ssdopt.backends.graph import has_custom_nms, load_topology, sha256_file
+from ssdopt.backends.graph import has_custom_nms, load_topology
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 ENGINE_FILE = "engine.onnx"
 QUANTIZED_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize", "QuantizeLinear")
@@ -117,6 +119,10 @@ class OnnxRuntimeBackend:
         try:
             session = ort.InferenceSession(source, options, providers=_providers(spec.device))
         except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, ...)
+            if shutil.disk_usage(tmp).free < onnx_path.stat().st_size:  # ORT says "serialization failed"
+                raise SsdoptError(
+                    tmp.parent, f"free space for the engine ({exc})", "free disk space or use another --out"
+                ) from exc
             raise SsdoptError(
                 onnx_path,
                 f"a graph ONNX Runtime {ort.__version__} can load for {spec.precision} ({exc})",

@@ -27,8 +27,9 @@ from ssdopt.backends.base import (
 )
 from ssdopt.backends.device import cpu_info
 from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine, check_plugin
-from ssdopt.backends.graph import has_custom_nms, sha256_file
+from ssdopt.backends.graph import has_custom_nms
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 ENGINE_FILES = ("engine.xml", "engine.bin")
 DEVICE = "CPU"
@@ -137,8 +138,9 @@ class OpenVinoBackend:
 
         engine = Path(engine)
         meta = check_engine(engine, self.name, ov.__version__, cpu_info())
-        core, plugin = _core(bool(meta.get("has_decode_nms")))
-        check_plugin(engine, meta, plugin)
+        if meta.get("has_decode_nms"):  # verify the extension's bytes before it is loaded into this process
+            check_plugin(engine, meta, self.nms_plugin())
+        core, _ = _core(bool(meta.get("has_decode_nms")))
         return _compile_checked(core, engine / ENGINE_FILES[0], meta["settings"]["compile_config"]), meta
 
     def nms_plugin(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from ssdopt.backends.device import cuda_info
 from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine
 from ssdopt.backends.graph import has_custom_nms, input_spec
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 ENGINE_FILE = "engine.plan"
 INSTALL = "tensorrt: not importable (pip install '.[tensorrt]' in the NVIDIA container)"
@@ -65,14 +66,22 @@ def _logger(trt: Any) -> Any:
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _load_plugin(trt: Any, logger: Any, library: Path | None) -> None:
-    """Register TensorRT's own plugins and, when given, the SSDDecodeNMS plugin library."""
+def _load_plugin(trt: Any, logger: Any, library: Path | None, expected_sha256: str | None = None) -> None:
+    """Register TensorRT's own plugins and, when given, the SSDDecodeNMS plugin library; with
+    `expected_sha256` (an engine's record) the library's bytes are checked before it is loaded."""
     trt.init_libnvinfer_plugins(logger, "")
     if library is None:
         return
     if not Path(library).is_file():
         raise SsdoptError(
             library, "the SSDDecodeNMS TensorRT plugin library", "build it: `ssdopt plugin build`"
+        )
+    if expected_sha256 is not None and sha256_file(library) != expected_sha256:
+        raise SsdoptError(
+            library,
+            f"the plugin library the engine was built with (sha256 {expected_sha256[:16]}...), "
+            f"found sha256 {sha256_file(library)[:16]}...",
+            "rebuild the engine with `ssdopt build` (the native plugin changed)",
         )
     registry = trt.get_plugin_registry()
     try:
@@ -210,8 +219,9 @@ class TensorRtBackend:
             device_matches=_device_ok(bool(settings.get("hardware_compatible"))),
         )
         logger = _logger(trt)
-        plugin = (meta.get("plugin") or {}).get("path")
-        _load_plugin(trt, logger, Path(plugin) if plugin else None)
+        plugin = meta.get("plugin") or {}
+        path = plugin.get("path")
+        _load_plugin(trt, logger, Path(path) if path else None, plugin.get("sha256"))
         runtime = trt.Runtime(logger)
         if settings.get("version_compatible"):
             runtime.engine_host_code_allowed = True

@@ -70,10 +70,10 @@ from ssdopt.backends.base import (
     check_input_shape,
 )
 from ssdopt.backends.device import cpu_info, cuda_info
-from ssdopt.backends.engine_dir import METADATA, SCHEMA, check_engine, check_plugin, write_json
-from ssdopt.backends.graph import sha256_file, sha256_files
+from ssdopt.backends.engine_dir import METADATA, SCHEMA, check_engine, check_plugin
 from ssdopt.data import atomic_output_dir
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file, sha256_files, write_json
 
 ENGINE_FILE = "engine.pt2"
 PROGRAM_FILE = "program.pt2"
@@ -316,11 +316,11 @@ class TorchAotiBackend:
                     "sha256": sha256_files(files),
                 },
             }
-            write_json(tmp / METADATA, metadata)
+            write_json(metadata, tmp / METADATA)
             layers = self.layers(tmp)
-            write_json(tmp / "layers.json", [layer.to_dict() for layer in layers])
+            write_json([layer.to_dict() for layer in layers], tmp / "layers.json")
             report = fusion_from_program(program_topology(program), layers)
-            write_json(tmp / "fusion.json", report)
+            write_json(report, tmp / "fusion.json")
             (tmp / "fusion.md").write_text(fusion_markdown(report))
         return Engine.open(out)
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import created_dirs
 
 
 @contextmanager
@@ -30,17 +31,17 @@ def atomic_output_dir(out: Path, marker: str) -> Iterator[Path]:
             f"an empty directory or an earlier output of this command (with {marker})",
             "choose an empty or new --out directory; nothing was overwritten",
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.old-"))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with created_dirs(out.parent):
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))
+        try:
+            yield tmp
+            if out.exists():
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.old-"))
+                out.rename(old / out.name)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -7,7 +7,6 @@ anything else that changes when the same selection is made on another machine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -19,19 +18,11 @@ from ssdopt.data import atomic_output_dir
 from ssdopt.data.coco import CocoDataset, CocoImage, load_coco
 from ssdopt.data.images import read_image
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 STRATEGIES = ("random", "class-balanced")
 MANIFEST = "manifest.json"
 IMAGES = "images"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _select_random(dataset: CocoDataset, num_images: int, rng: np.random.Generator) -> list[CocoImage]:
@@ -151,13 +142,13 @@ def select_calibration_set(
             target = tmp / IMAGES / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-            entries.append({"file_name": str(relative), "image_id": image.id, "sha256": file_sha256(target)})
+            entries.append({"file_name": str(relative), "image_id": image.id, "sha256": sha256_file(target)})
         entries.sort(key=lambda entry: (entry["file_name"], entry["image_id"]))
         manifest = {
             "strategy": strategy,
             "seed": int(seed),
             "num_images": int(num_images),
-            "source": {"json": train_json.name, "json_sha256": file_sha256(train_json)},
+            "source": {"json": train_json.name, "json_sha256": sha256_file(train_json)},
             "class_instances": class_counts,
             "images": entries,
         }
@@ -205,7 +196,7 @@ def read_calibration_images(calib_dir: Path, size: int) -> Iterator[np.ndarray]:
             raise SsdoptError(
                 path, "a calibration image listed in the manifest", "rerun `ssdopt data calibration`"
             )
-        if file_sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise SsdoptError(
                 path,
                 f"sha256 {entry['sha256']} as recorded in the manifest",

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import atomic_write
 
 BACKGROUND_NAME = "__background__"
 
@@ -238,14 +237,5 @@ def write_coco(dataset: CocoDataset | dict, path: Path) -> Path:
     """Write a COCO json atomically (temp file beside it, then rename); returns `path`."""
     path = Path(path)
     data = coco_dict(dataset) if isinstance(dataset, CocoDataset) else dataset
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, separators=(",", ":"), allow_nan=False)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

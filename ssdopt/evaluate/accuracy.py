@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from ssdopt.data.coco import CocoDataset, coco_dict
 from ssdopt.data.images import read_image
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import write_json
 
 # Names of COCOeval.stats, in its order.
 STAT_NAMES = (
@@ -242,18 +240,3 @@ def evaluate_checkpoint(
     if out is not None:
         write_json(metrics, Path(out))
     return metrics
-
-
-def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write JSON atomically (temp file beside it, then rename); returns `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, sort_keys=True)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

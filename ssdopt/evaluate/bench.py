@@ -29,6 +29,7 @@ from ssdopt.data.coco import CocoDataset, load_coco
 from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
 from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
+from ssdopt.fileio import sha256_file
 
 VALIDATED, FAILED_VALIDATION, FAILED_BUILD = "✅", "❎", "❌"
 STATUS_NAMES = {
@@ -116,6 +117,8 @@ def subset(ds: CocoDataset, limit: int | None) -> CocoDataset:
             "a COCO split with annotations (mAP needs ground truth)",
             "pass the val or test split (e.g. data/synthetic/val.json), not an image list",
         )
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise SsdoptError(f"--limit {limit}", "a number of images >= 0 (0: all)", "pass e.g. --limit 200")
     if not limit:
         return ds
     keep = {im.id for im in ds.images[:limit]}
@@ -140,12 +143,6 @@ def _check_classes(model_classes: list[str], ds: CocoDataset, source: str) -> No
 # ---------------------------------------------------------------- graphs
 
 
-def _sha256(path: Path) -> str:
-    from ssdopt.backends.graph import sha256_file
-
-    return sha256_file(path)
-
-
 def export_for_bench(model: Any, meta: dict[str, Any], checkpoint: Path | None, work: Path) -> Path:
     """work/onnx: the export of `model`, reused when export.json names the same checkpoint bytes."""
     from ssdopt.export import export_onnx
@@ -153,7 +150,7 @@ def export_for_bench(model: Any, meta: dict[str, Any], checkpoint: Path | None, 
     out = work / "onnx"
     info = {"model": meta.get("model"), "class_names": meta.get("class_names")}
     if checkpoint is not None:
-        info["checkpoint"] = {"path": str(checkpoint), "sha256": _sha256(checkpoint)}
+        info["checkpoint"] = {"path": str(checkpoint), "sha256": sha256_file(checkpoint)}
         record = out / "export.json"
         if record.is_file():
             previous = json.loads(record.read_text()).get("checkpoint") or {}
@@ -170,7 +167,7 @@ def graph_with_decode_nms(export_dir: Path, work: Path) -> Path:
     from ssdopt.data import atomic_output_dir
     from ssdopt.ops.onnx_node import add_decode_nms_node
 
-    export_sha = _sha256(export_dir / "model.onnx")
+    export_sha = sha256_file(export_dir / "model.onnx")
     out = work / f"graph-{export_sha[:12]}"
     if (out / GRAPH_MARKER).is_file() and (out / NMS_GRAPH).is_file():
         return out / NMS_GRAPH

@@ -5,12 +5,11 @@ Every file is written atomically (temp file beside it, then rename).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ssdopt.fileio import atomic_write, write_json
 
 COLUMNS = (
     ("backend", "backend"),
@@ -45,25 +44,6 @@ def cell(row: dict[str, Any], key: str) -> str:
     if value is None:
         return "–"
     return FORMATS[key](value) if key in FORMATS else str(value)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(data: Any, path: Path) -> Path:
-    return atomic_write(
-        path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
-    )
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

@@ -16,8 +16,8 @@ from PIL import ImageDraw
 from ssdopt.backends.base import Engine, get_backend
 from ssdopt.data.images import load_rgb8, read_image
 from ssdopt.errors import SsdoptError
-from ssdopt.evaluate.bench_output import atomic_write, write_json
 from ssdopt.evaluate.engine import as_detections, engine_input_size
+from ssdopt.fileio import atomic_write, write_json
 
 REGISTRY_PREFIX = "models:/"
 PALETTE = (
@@ -101,6 +101,8 @@ def detect_images(
     """(annotated PNG, detections JSON) per image under `out_dir`, named after the image's stem."""
     if not images:
         raise SsdoptError("IMAGES", "at least one image file", "pass image paths after the options")
+    if not 0.0 <= min_score <= 1.0:  # NaN compares False too
+        raise SsdoptError(f"--min-score {min_score}", "a score in [0, 1]", "pass e.g. --min-score 0.3")
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise SsdoptError(
@@ -113,12 +115,12 @@ def detect_images(
     if height != width:
         raise SsdoptError(loaded.path, "a square-input engine", "rebuild from a square export")
     names = class_names(loaded)
+    # Decode every image before writing anything: a corrupt file fails the run with no outputs.
+    inputs = [(path, load_rgb8(path).size, read_image(path, size=height)[None]) for path in map(Path, images)]
     runner = get_backend(loaded.backend).load(loaded.path)
     written = []
     try:
-        for path in map(Path, images):
-            original = load_rgb8(path).size  # (W, H)
-            batch = read_image(path, size=height)[None]
+        for path, original, batch in inputs:  # original: (W, H)
             dets = as_detections(runner.infer(batch), loaded, height, width)
             scale = np.array([original[0] / width, original[1] / height] * 2)
             found = detections_of(dets, 0, scale, names, min_score)

@@ -17,6 +17,7 @@ import numpy as np
 from ssdopt.backends.base import Detections, Engine, HeadOutputs, get_backend
 from ssdopt.data.coco import CocoDataset, CocoImage
 from ssdopt.data.images import read_image
+from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.accuracy import coco_evaluate, detections_to_coco, label_to_category
 from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
 
@@ -44,7 +45,11 @@ def as_detections(result: Detections | HeadOutputs, engine: Engine, height: int,
         return result
     anchors = engine.anchors()
     if anchors is None:
-        raise ValueError(f"{engine.path}: raw head outputs but no anchors.npy beside the engine")
+        raise SsdoptError(
+            engine.path / "anchors.npy",
+            "the export's anchors beside an engine without SSDDecodeNMS (to decode its head outputs)",
+            "rebuild the engine from the export directory with `ssdopt build` (it copies anchors.npy)",
+        )
     return result.decode(anchors, image_height=height, image_width=width)
 
 

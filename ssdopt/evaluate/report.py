@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ssdopt.evaluate.bench_output import COLUMNS, atomic_write, cell
+from ssdopt.evaluate.bench_output import COLUMNS, cell
+from ssdopt.fileio import atomic_write
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}

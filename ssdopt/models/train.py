@@ -34,8 +34,8 @@ from ssdopt.evaluate.accuracy import (
     detections_to_coco,
     label_to_category,
     predict_dataset,
-    write_json,
 )
+from ssdopt.fileio import write_json
 from ssdopt.models.augment import AugmentConfig, augment_batch, normalize
 from ssdopt.models.batched import postprocess_batch, ssd_loss
 from ssdopt.models.zoo import anchors_for, build_model, model_image_size, save_checkpoint

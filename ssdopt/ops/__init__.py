@@ -53,8 +53,6 @@ def check_decode_nms_arguments(box_deltas, class_logits, anchors, attrs: DecodeN
         ),
         "pre_nms_top_k": (attrs.pre_nms_top_k >= 1, "an integer >= 1"),
         "max_detections": (attrs.max_detections >= 1, "an integer >= 1"),
-        "score_threshold": (not math.isnan(attrs.score_threshold), "a number (not NaN)"),
-        "iou_threshold": (not math.isnan(attrs.iou_threshold), "a number (not NaN)"),
         "box_weights": (
             len(attrs.box_weights) == 4 and all(math.isfinite(w) and w > 0 for w in attrs.box_weights),
             "4 finite values > 0",

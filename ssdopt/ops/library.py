@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ssdopt import plugin_build
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 _lock = threading.Lock()
 _cpu_library: ctypes.CDLL | None = None
@@ -67,7 +68,7 @@ def verified_library(path: Path, expected_sha256: str | None) -> Path:
     if not path.exists():
         raise SsdoptError(path, "a built library", "run `ssdopt plugin build`")
     if expected_sha256 is not None:
-        actual = plugin_build.sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected_sha256:
             raise SsdoptError(
                 path,
@@ -82,8 +83,15 @@ def recorded_sha256(library: Path) -> str | None:
     record = library.parent.parent / "build.json"
     if not record.exists():
         return None
-    entry = json.loads(record.read_text()).get("libraries", {}).get(library.name)
-    return entry["sha256"] if entry else None
+    try:
+        entry = json.loads(record.read_text()).get("libraries", {}).get(library.name)
+        return str(entry["sha256"]) if entry else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as exc:
+        raise SsdoptError(
+            record,
+            f"a build record with the sha256 of {library.name} ({type(exc).__name__}: {exc})",
+            f"delete {library.parent.parent} and rerun `ssdopt plugin build`",
+        ) from exc
 
 
 def torch_op_registered() -> bool:
@@ -168,11 +176,19 @@ def load_cpu_library() -> ctypes.CDLL:
         if _cpu_library is not None:
             return _cpu_library
         path = cpu_library_path()
-        lib = ctypes.CDLL(str(path))
-        lib.ssdopt_nms_abi_version.restype = ctypes.c_int
-        lib.ssdopt_nms_abi_version.argtypes = []
-        if lib.ssdopt_nms_abi_version() != C_ABI_VERSION:
-            raise SsdoptError(path, f"C ABI version {C_ABI_VERSION}", "rebuild it with `ssdopt plugin build`")
+        rebuild = "point SSDOPT_NMS_CPU_LIBRARY at a library built by `ssdopt plugin build`, or unset it"
+        try:
+            lib = ctypes.CDLL(str(path))
+            version = lib.ssdopt_nms_abi_version
+        except (OSError, AttributeError) as exc:  # not a shared library / not the SSDDecodeNMS one
+            raise SsdoptError(
+                path, f"the SSDDecodeNMS CPU library with C ABI version {C_ABI_VERSION} ({exc})", rebuild
+            ) from exc
+        version.restype = ctypes.c_int
+        version.argtypes = []
+        found = version()
+        if found != C_ABI_VERSION:
+            raise SsdoptError(path, f"C ABI version {C_ABI_VERSION}, found {found}", rebuild)
         lib.ssdopt_nms_params_default.restype = None
         lib.ssdopt_nms_params_default.argtypes = [ctypes.POINTER(SsdoptNmsParams)]
         lib.ssdopt_nms_last_error.restype = ctypes.c_char_p

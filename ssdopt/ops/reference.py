@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torchvision
 
+from ssdopt.errors import SsdoptError
+
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
@@ -48,6 +50,22 @@ class DecodeNmsAttributes:
     class_agnostic: bool = False
     image_height: int = 320
     image_width: int = 320
+
+    def __post_init__(self) -> None:
+        """Thresholds outside [0, 1] are never meaningful for scores and IoUs in [0, 1]: a negative
+        score threshold keeps every anchor, an IoU threshold above 1 silently disables NMS."""
+        for name in ("score_threshold", "iou_threshold"):
+            value = getattr(self, name)
+            try:
+                ok = not isinstance(value, bool) and 0.0 <= float(value) <= 1.0  # NaN compares False
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise SsdoptError(
+                    f"SSDDecodeNMS {name}={value!r}",
+                    "a finite number in [0, 1]",
+                    f"pass {name} between 0 and 1 (DESIGN.md default {getattr(DecodeNmsAttributes, name)})",
+                )
 
 
 def float32_value(value: float) -> float:

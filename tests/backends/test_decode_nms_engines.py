@@ -11,9 +11,9 @@ import ssdopt_tests_tiny_model as tiny  # registered by conftest.py
 import torch
 
 from ssdopt.backends import BuildSpec, CalibrationSpec, Detections, get_backend
-from ssdopt.backends.graph import sha256_file
 from ssdopt.build import build_engine
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 from ssdopt.ops import reference_decode_nms
 
 ATTRS = {"image_height": tiny.IMAGE_SIZE, "image_width": tiny.IMAGE_SIZE, **tiny.DECODE_ATTRIBUTES}

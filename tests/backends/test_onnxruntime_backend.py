@@ -12,9 +12,9 @@ import pytest
 import ssdopt_tests_tiny_model as tiny  # registered by conftest.py
 
 from ssdopt.backends import BuildSpec, CalibrationSpec, HeadOutputs, get_backend
-from ssdopt.backends.graph import sha256_file
 from ssdopt.build import build_engine
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 
 BACKEND = "onnxruntime"
 

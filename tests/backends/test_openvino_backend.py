@@ -11,9 +11,9 @@ import pytest
 import ssdopt_tests_tiny_model as tiny  # registered by conftest.py
 
 from ssdopt.backends import BuildSpec, CalibrationSpec, get_backend
-from ssdopt.backends.graph import sha256_files
 from ssdopt.build import build_engine
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_files
 from ssdopt.quantize.int8 import cpu_lacks_vnni
 
 BACKEND = "openvino"

@@ -27,7 +27,6 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD, SSDHead
 
 from ssdopt.backends import BuildSpec, Detections
-from ssdopt.backends.graph import sha256_file, sha256_files
 from ssdopt.backends.torch_aoti import (
     AotiOptions,
     TorchAotiBackend,
@@ -36,6 +35,7 @@ from ssdopt.backends.torch_aoti import (
     resolve_checkpoint,
 )
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file, sha256_files
 from ssdopt.ops import reference_decode_nms
 from ssdopt.ops.reference import pad_detections
 

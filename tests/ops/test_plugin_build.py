@@ -8,6 +8,7 @@ import pytest
 
 from ssdopt import plugin_build
 from ssdopt.errors import SsdoptError
+from ssdopt.fileio import sha256_file
 from ssdopt.ops import library
 
 
@@ -18,7 +19,7 @@ def test_native_build_is_cached_recorded_and_verified():
     assert first.directory.name == first.record["key"][:16]
     assert first.record["targets"]["ssdopt_nms_cpu"] == "built"
     for name, entry in first.record["libraries"].items():
-        assert plugin_build.sha256_file(first.directory / "lib" / name) == entry["sha256"]
+        assert sha256_file(first.directory / "lib" / name) == entry["sha256"]
     assert first.record["cxx_version"] != "unknown" and first.record["cuda_archs"] == []
 
 
