@@ -15,6 +15,8 @@
 #   ssdopt data generate ... (or generate only the val split, same seed)  &&
 #   python -m ssdopt.commands_models evaluate-checkpoint --dataset <root> --split val --device cpu
 # Smoke run (tiny data, ~30 s):  MODE=smoke bash benchmarks/train_reference.sh
+# Another torchvision SSD of the same classes (issue 5's ssd300 peer): MODEL=ssd300_vgg16 NAME=ssd300_shapes
+# with its own LR/BATCH (VGG16 has no BatchNorm: a lower peak learning rate).
 # The final val mAP on the device uses the batched post-processing (tested equal to torchvision's);
 # re-evaluate the checkpoint with torchvision's own post-processing via `ssdopt evaluate-checkpoint`.
 set -euo pipefail
@@ -23,6 +25,8 @@ OUT=${OUT:-artifacts/reference_run}
 MODE=${MODE:-full}
 DATA=${DATA:-/tmp/ssdopt_synthetic}
 SEED=${SEED:-20261125}          # params.yaml generate.seed
+MODEL=${MODEL:-ssdlite320_mobilenet_v3_large}
+NAME=${NAME:-ssdlite320_shapes}
 WORKERS=${WORKERS:-$(nproc)}
 mkdir -p "$OUT"
 
@@ -46,9 +50,9 @@ print(f"generated {n_train} train + {n_val} val images in {time.perf_counter() -
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m ssdopt.commands_models train \
   --dataset "$DATA" \
-  --out "$OUT/ssdlite320_shapes.safetensors" \
-  --history "$OUT/training.json" \
-  --model ssdlite320_mobilenet_v3_large \
+  --out "$OUT/$NAME.safetensors" \
+  --history "$OUT/${HISTORY:-training.json}" \
+  --model "$MODEL" \
   --seed 0 \
   --batch-size ${BATCH:-128} \
   --optimizer ${OPTIMIZER:-adamw} --lr ${LR:-2e-3} --weight-decay ${WD:-0.05} --warmup-epochs 3 \
