@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ssdopt.backends.device import deployment_target
 from ssdopt.config import load_params
+from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.report_table import format_rows, markdown_table
+from ssdopt.fileio import atomic_write
 from tasks.build import build
 from tasks.data import dvc_repro
 from tasks.evaluate import agreement_with, evaluate
@@ -56,11 +61,9 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
 
 
 def _write_report(path: Path, text: str) -> None:
-    """The run's table and champion, for `ssdopt summary` (atomic: temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """The run's table and champion, for `ssdopt summary` (atomic: temp file, then rename; the temp
+    name is unique so two flows of one repository never write into each other's temp file)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -151,18 +154,23 @@ def optimize(
         "eval_split": s["split"],
         "eval_images": s["limit"],
     }
-    for row in rows:
-        if row["status"] in ("validated", "invalid"):
-            meta = json.loads((Path(row["engine"]) / "metadata.json").read_text())
-            params = {
-                **common,
-                "backend": row["backend"],
-                "precision": row["precision"],
-                "onnx_sha256": meta["source_onnx"]["sha256"],
-                "calibration_method": (meta.get("calibration") or {}).get("method", "none"),
-                "runtime_version": (meta.get("runtime") or {}).get("version"),
-            }
-            row.update(log_engine(row, params, registered, s["experiment"], s["mlflow_root"]))
+    try:
+        for row in rows:
+            if row["status"] in ("validated", "invalid"):
+                meta = json.loads((Path(row["engine"]) / "metadata.json").read_text())
+                params = {
+                    **common,
+                    "backend": row["backend"],
+                    "precision": row["precision"],
+                    "onnx_sha256": meta["source_onnx"]["sha256"],
+                    "calibration_method": (meta.get("calibration") or {}).get("method", "none"),
+                    "runtime_version": (meta.get("runtime") or {}).get("version"),
+                }
+                row.update(log_engine(row, params, registered, s["experiment"], s["mlflow_root"]))
+    except SsdoptError as exc:  # tracking down after its retries: keep what was measured locally
+        note = f"Not logged to MLflow: {exc}\nEngines are kept under {s['engines_dir']}."
+        _write_report(Path(s["reports"]) / "optimize.md", f"{markdown_table(rows)}\n\n{note}\n")
+        raise
 
     decision = (
         promote(registered, s["budget"], s["mlflow_root"])
@@ -191,11 +199,50 @@ def optimize(
     return {"rows": rows, "decision": decision, "registered_model": registered}
 
 
+def _offline_prefect() -> AbstractContextManager[Any]:
+    """Prefect settings for `make run` where the environment does not set them: no analytics (no
+    network), and 120 s rather than 20 s for the temporary server to start (its first start migrates
+    a fresh database; on a busy 2-core machine, or with two flows starting at once, 20 s was seen to
+    fail). Prefect reads its environment at import, so these are applied as temporary settings."""
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    defaults = {
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
+    }
+    return temporary_settings(updates={k: v for k, v in defaults.items() if k.name not in os.environ})
+
+
+def _start_prefect_api() -> None:
+    """Reach the Prefect API before the flow starts; a temporary server is started (and on first use
+    migrates PREFECT_HOME's database) under a lock file there: two flows started at once on one
+    repository otherwise race on that migration ("table deployment_version already exists" from one
+    of the two servers was seen). The server lives until this process exits."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".ssdopt-server-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the holder dies
+        with get_client(sync_client=True) as client:
+            client.hello()
+
+
 def main() -> None:
     """`make run`: the flow, then its table and champion on stdout (flushed: Prefect's temporary
     server exits the interpreter hard, which would drop buffered output)."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    result = optimize()
+    try:
+        with _offline_prefect():
+            _start_prefect_api()
+            result = optimize()
+    except SsdoptError as exc:  # e.g. the tracking server stayed down through every retry
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.exit_code)
     decision = result["decision"]
     print(markdown_table(result["rows"]), flush=True)
     champion = decision.get("champion")

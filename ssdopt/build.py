@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -202,8 +203,11 @@ def build_engine(
     with created_dirs(out), _key_lock(out / f".{final.name}.lock"):
         if _reusable(final, key):  # a concurrent process built the same key while we waited
             return Engine.open(final)
+        for pattern in (f".prepare-{final.name}-*", f"{final.name}.tmp-*", f"{final.name}.old-*"):
+            for stale in out.glob(pattern):  # left by a killed build of this key (we hold its lock)
+                shutil.rmtree(stale, ignore_errors=True)
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as work:
+        with tempfile.TemporaryDirectory(dir=out, prefix=f".prepare-{final.name}-") as work:
             graph, record = prepare_graph(onnx_path, spec, backend, Path(work), accuracy)
             provenance = {
                 "source_onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},

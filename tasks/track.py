@@ -44,5 +44,5 @@ def promote(registered_model: str, budget: float, mlflow_root: str) -> dict[str,
         "previous": decision.previous,
         "changed": decision.changed,
         "reasons": decision.reasons,
-        "tracking_uri": store.tracking_uri,
+        "tracking_uri": tracking.redact_uri(store.tracking_uri),  # printed in reports and logs
     }

@@ -2,15 +2,28 @@
 
 Local default: SQLite under mlflow/ and artifacts under mlflow/artifacts/, by absolute URI
 (MLflow otherwise writes ./mlflow.db wherever it is run). MLFLOW_TRACKING_URI overrides it.
+
+Faults: logging and promotion hold a file lock beside the store (two flows on one machine never
+log the same engine twice, nor race SQLite's first migration); a run left RUNNING by a killed
+process is marked KILLED and logged again; a version is registered only after its run finished,
+so a registry version never points at a half-logged run. An unreachable or refusing server is
+retried a bounded number of times (MLflow's default is ~4 minutes per request), then reported as
+one SsdoptError with the tracking URI's credentials redacted.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import os
-from collections.abc import Mapping
+import re
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ssdopt.errors import SsdoptError
 from ssdopt.tracking.promotion import Candidate, Decision, decide
@@ -33,25 +46,137 @@ LOGGED_METRICS = (
 )
 
 
+# Bounded HTTP retries against a tracking server (MLflow's defaults: 7 retries, backoff factor 2,
+# about 4 minutes per request). Set only when the user has not set them.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+WRITER_TAG = "ssdopt.writer"  # host:pid of the process that logged a run (to find runs it left RUNNING)
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class Store:
     tracking_uri: str
     artifact_root: str
+    lock_file: Path | None = None  # serialises logging/promotion of the processes of this machine
 
 
 def local_store(root: Path | str = "mlflow") -> Store:
     """The store to use: $MLFLOW_TRACKING_URI if set, else SQLite under `root` (absolute)."""
     root = Path(root).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
+    lock = root / ".ssdopt-tracking.lock"
     if uri:
-        return Store(uri, (root / "artifacts").as_uri())
+        return Store(uri, (root / "artifacts").as_uri(), lock)
     root.mkdir(parents=True, exist_ok=True)
-    return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri())
+    return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(), lock)
+
+
+def redact_uri(text: str) -> str:
+    """`text` with the password of every scheme://user:password@host replaced by ***."""
+    return re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """True when `exc` (or what it wraps) says the server could not be reached, or went away in the
+    middle of a response (a killed server: "Connection broken: IncompleteRead")."""
+    import requests
+
+    lost = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    )
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, lost):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    hints = (
+        "Max retries exceeded",
+        "Connection refused",
+        "Connection broken",
+        "Connection aborted",
+        "timeout",
+    )
+    return any(s in str(exc) for s in hints)
+
+
+def _refused(exc: BaseException) -> bool:
+    """True for an authentication / permission refusal by the server (HTTP 401/403)."""
+    code = str(getattr(exc, "error_code", ""))
+    return code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or any(
+        s in str(exc) for s in ("401", "403", "You are not authenticated", "Permission denied")
+    )
+
+
+def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn an unreachable or refusing tracking server, or a full disk, into one SsdoptError (the
+    function's first argument is the Store).
+
+    The Prefect tasks retry it; the message names the server, never its credentials.
+    """
+
+    @functools.wraps(func)
+    def wrapper(store: Store, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return func(store, *args, **kwargs)
+        except SsdoptError:
+            raise
+        except Exception as exc:
+            where = f"MLflow tracking server {redact_uri(store.tracking_uri)}"
+            reason = redact_uri(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+            if _unreachable(exc):
+                retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+                cause = re.search(
+                    r"\[Errno -?\d+\][^'\")]*|Connection broken[^'\"]*|Read timed out", str(exc)
+                )
+                reason = cause.group(0).strip() if cause else reason
+                raise SsdoptError(
+                    where,
+                    f"a reachable server (each request retried up to {retries} times: {reason})",
+                    "start the server or fix MLFLOW_TRACKING_URI, then rerun; built engines are kept "
+                    "on disk and reused, and nothing already logged is logged twice",
+                ) from None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SsdoptError(
+                    exc.filename2 or exc.filename or store.artifact_root,
+                    f"free space for the run's artifacts ({exc.strerror})",
+                    "free disk space and rerun: the cut-short run is marked FAILED and the engine is "
+                    "logged again",
+                ) from exc
+            if _refused(exc):
+                raise SsdoptError(
+                    where,
+                    f"credentials it accepts ({reason})",
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD of a user with "
+                    "permission on the experiment and the registered model",
+                ) from None
+            raise
+
+    return wrapper
+
+
+@contextmanager
+def _exclusive(store: Store) -> Iterator[None]:
+    """Hold the store's lock file (flock: released by the kernel even when the holder is killed)."""
+    if store.lock_file is None:
+        yield
+        return
+    store.lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signature
     import mlflow
 
+    if store.tracking_uri.startswith(("http://", "https://")):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(store.tracking_uri)
     mlflow.set_registry_uri(store.tracking_uri)
     return mlflow.MlflowClient(store.tracking_uri, store.tracking_uri)
@@ -80,7 +205,8 @@ def log_engine_run(
     """Log one engine: params, metrics, artifacts and the engine as a pyfunc model.
 
     Returns (run_id, registered model version or None). The model is logged from code
-    (tracking/engine_model.py) with the engine directory as its artifact: no pickle.
+    (tracking/engine_model.py) with the engine directory as its artifact: no pickle. It is
+    registered after the run finished, so no version ever points at a run that a crash cut short.
     """
     import mlflow
 
@@ -89,7 +215,8 @@ def log_engine_run(
         raise SsdoptError(engine_dir, "an engine directory with metadata.json", "build it: `ssdopt build`")
     _client(store)
     exp_id = experiment_id(store, experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=dict(tags or {})) as run:
+    tags = {**(tags or {}), WRITER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         finite = {k: float(v) for k, v in metrics.items() if v is not None and float(v) == float(v)}
         mlflow.log_metrics(finite)
@@ -103,41 +230,76 @@ def log_engine_run(
             name="engine",
             python_model=str(ENGINE_MODEL_CODE),
             artifacts={"engine": str(engine_dir)},
-            registered_model_name=registered_model,
             pip_requirements=["ssdopt"],
         )
-        version = None
-        if registered_model:
-            version = str(info.registered_model_version)
-            client = _client(store)
-            client.set_model_version_tag(registered_model, version, "run_id", run.info.run_id)
-        return run.info.run_id, version
+        mlflow.set_tag("ssdopt.model_id", info.model_id)
+    version = _register(store, run.info.run_id, info.model_id, registered_model) if registered_model else None
+    return run.info.run_id, version
 
 
+def _register(store: Store, run_id: str, model_id: str, registered_model: str) -> str:
+    """Register the logged model `model_id` of the finished run `run_id`; returns the version."""
+    import mlflow
+
+    client = _client(store)
+    version = str(mlflow.register_model(f"models:/{model_id}", registered_model).version)
+    client.set_model_version_tag(registered_model, version, "run_id", run_id)
+    return version
+
+
+def _left_running(run: Any) -> bool:
+    """A RUNNING run whose writer (on this machine) is gone, or is this process outside any run.
+
+    Called with the store lock held: no live writer of this machine can be inside log_engine_run.
+    """
+    host, _, pid = run.data.tags.get(WRITER_TAG, "").rpartition(":")
+    if run.info.status != "RUNNING" or host != socket.gethostname() or not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@_server_errors
 def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: Any) -> tuple[str, str | None]:
     """log_engine_run unless this engine (by sha256) already has a finished run and version.
 
-    A rerun of the flow with nothing changed therefore adds no run and no registry version.
+    A rerun of the flow with nothing changed therefore adds no run and no registry version; a rerun
+    after a crash finishes the job: a finished run without its version gets registered, a run left
+    RUNNING by a killed process is marked KILLED and the engine logged again.
     """
     import json
 
     engine_dir = Path(engine_dir)
     sha = json.loads((engine_dir / "metadata.json").read_text())["engine"]["sha256"]
-    client = _client(store)
-    exp_id = experiment_id(store, experiment)
     model = kwargs.get("registered_model")
-    runs = client.search_runs(
-        [exp_id], filter_string=f"tags.`ssdopt.engine_sha256` = '{sha}' and attributes.status = 'FINISHED'"
-    )
-    for run in runs:
-        if model is None:
-            return run.info.run_id, None
-        for mv in client.search_model_versions(f"name='{model}' and run_id='{run.info.run_id}'"):
-            return run.info.run_id, str(mv.version)
-    tags = {**(kwargs.pop("tags", None) or {}), "ssdopt.engine_sha256": sha}
-    return log_engine_run(store, experiment, engine_dir, tags=tags, **kwargs)
+    with _exclusive(store):
+        client = _client(store)
+        exp_id = experiment_id(store, experiment)
+        runs = client.search_runs([exp_id], filter_string=f"tags.`ssdopt.engine_sha256` = '{sha}'")
+        for run in runs:
+            if _left_running(run):
+                client.set_tag(run.info.run_id, "ssdopt.superseded", "left RUNNING by a killed process")
+                client.set_terminated(run.info.run_id, "KILLED")
+        for run in (r for r in runs if r.info.status == "FINISHED"):
+            if model is None:
+                return run.info.run_id, None
+            for mv in client.search_model_versions(f"name='{model}' and run_id='{run.info.run_id}'"):
+                return run.info.run_id, str(mv.version)
+            model_id = run.data.tags.get("ssdopt.model_id")
+            if model_id:  # the process died between the run's end and its registration
+                return run.info.run_id, _register(store, run.info.run_id, model_id, model)
+        tags = {**(kwargs.pop("tags", None) or {}), "ssdopt.engine_sha256": sha}
+        return log_engine_run(store, experiment, engine_dir, tags=tags, **kwargs)
 
 
+@_server_errors
 def candidates(store: Store, registered_model: str) -> tuple[list[Candidate], str | None]:
     """Every version of `registered_model` with its run's metrics, and the current champion."""
     client = _client(store)
@@ -162,8 +324,14 @@ def candidates(store: Store, registered_model: str) -> tuple[list[Candidate], st
     return found, current
 
 
+@_server_errors
 def promote(store: Store, registered_model: str, budget: float = 1.0) -> Decision:
     """Apply the promotion policy to one registered model (one deployment target)."""
+    with _exclusive(store):
+        return _promote(store, registered_model, budget)
+
+
+def _promote(store: Store, registered_model: str, budget: float) -> Decision:
     client = _client(store)
     pool, current = candidates(store, registered_model)
     if not pool:
@@ -180,6 +348,7 @@ def promote(store: Store, registered_model: str, budget: float = 1.0) -> Decisio
     return decision
 
 
+@_server_errors
 def compare_runs(store: Store, experiment: str, limit: int = 50) -> list[dict[str, Any]]:
     """The latest runs of `experiment` with their params and metrics, newest first."""
     client = _client(store)
