@@ -30,6 +30,24 @@ def sha256_files(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the umask can only be read by setting it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask is process-wide, so not read while threads run
+
+
+def publish_mode(path: Path) -> None:
+    """Give a finished temp file or directory the mode a plain open()/mkdir() would have.
+
+    mkstemp/mkdtemp create 0600/0700 (private while half written); left so, a published engine or
+    dataset could not be read by another user or container uid.
+    """
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """`write(tmp)` into a temp file beside `path`, then rename it over `path`; returns `path`.
 
@@ -41,6 +59,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        publish_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

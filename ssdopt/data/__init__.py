@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ssdopt.errors import SsdoptError
-from ssdopt.fileio import created_dirs
+from ssdopt.fileio import created_dirs, publish_mode
 
 
 @contextmanager
@@ -35,6 +35,7 @@ def atomic_output_dir(out: Path, marker: str) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.tmp-"))
         try:
             yield tmp
+            publish_mode(tmp)
             if out.exists():
                 old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}.old-"))
                 out.rename(old / out.name)
