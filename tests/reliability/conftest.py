@@ -235,3 +235,19 @@ def write_image(path: Path, mode: str = "RGB", size: int = 48) -> Path:
 def image_file() -> Callable[..., Path]:
     """`image_file(path, mode="RGB", size=48)`: write a small test image (see write_image)."""
     return write_image
+
+
+def _register_fault_support() -> None:
+    """tests/reliability/_fault_support.py as the module `ssdopt_tests_fault_support` (tests/ is no
+    package), once, before the fault test modules import it."""
+    import importlib.util
+    import sys
+
+    name = "ssdopt_tests_fault_support"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_fault_support.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+
+
+_register_fault_support()

@@ -6,24 +6,13 @@ Mounting needs root: without it these tests skip, saying so.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-
-def _support():
-    name = "ssdopt_tests_fault_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_fault_support.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-support = _support()
+support = sys.modules["ssdopt_tests_fault_support"]  # registered by conftest.py
 
 
 def _everything(root: Path) -> list[str]:

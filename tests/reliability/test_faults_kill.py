@@ -7,7 +7,6 @@ row appearing), never through a test hook in the code.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -16,17 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
-def _support():
-    name = "ssdopt_tests_fault_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_fault_support.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-support = _support()
+support = sys.modules["ssdopt_tests_fault_support"]  # registered by conftest.py
 
 
 def test_kill_9_during_int8_build_then_rerun(tiny_export, tiny_calibration, tmp_path: Path) -> None:

@@ -37,16 +37,7 @@ import yaml
 HAVE_AUTH = importlib.util.find_spec("flask_wtf") is not None
 
 
-def _support():
-    name = "ssdopt_tests_fault_support"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_fault_support.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-support = _support()
+support = sys.modules["ssdopt_tests_fault_support"]  # registered by conftest.py
 PASSWORD = "pw-" + secrets.token_urlsafe(18)
 
 
