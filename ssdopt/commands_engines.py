@@ -10,19 +10,18 @@ from typing import Any
 
 import typer
 
+from ssdopt.backends.registry import DEVICES, PRECISIONS, backend_names, choices
 from ssdopt.config import pick, section
 
 
 def build(
-    backend: str | None = typer.Option(
-        None, help="onnxruntime | openvino | tensorrt (params: build.backend)."
-    ),
-    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (params: build.precision)."),
+    backend: str | None = typer.Option(None, help=f"{choices(backend_names())} (params: build.backend)."),
+    precision: str | None = typer.Option(None, help=f"{choices(PRECISIONS)} (params: build.precision)."),
     onnx: Path | None = typer.Option(None, help="Exported ONNX (params: build.onnx)."),
     out: Path | None = typer.Option(
         None, help="Engines root; the engine goes to OUT/<backend>-<precision>-<key>."
     ),
-    device: str | None = typer.Option(None, help="cpu | cuda (params: build.device)."),
+    device: str | None = typer.Option(None, help=f"{choices(DEVICES)} (params: build.device)."),
     calibration: Path | None = typer.Option(
         None, help="Calibration set dir (params: build.calibration.directory)."
     ),

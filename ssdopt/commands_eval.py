@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from ssdopt.backends.registry import PRECISIONS, backend_names, choices
 from ssdopt.config import pick, section
 
 
@@ -37,8 +38,12 @@ def build_spec_from_params() -> Any:
 def bench(
     checkpoint: Path | None = typer.Option(None, help="Checkpoint (params: bench.checkpoint)."),
     dataset: Path | None = typer.Option(None, help="COCO split json (params: bench.dataset)."),
-    backends: str | None = typer.Option(None, help="Comma list (params: bench.backends)."),
-    precisions: str | None = typer.Option(None, help="Comma list (params: bench.precisions)."),
+    backends: str | None = typer.Option(
+        None, help=f"Comma list of {choices(backend_names())} (params: bench.backends)."
+    ),
+    precisions: str | None = typer.Option(
+        None, help=f"Comma list of {choices(PRECISIONS)} (params: bench.precisions)."
+    ),
     peers: str | None = typer.Option(
         None, help="torch-eager,torch-compile,onnxruntime-fp32 (params: bench.peers)."
     ),

@@ -15,21 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ssdopt.backends.registry import BACKENDS, PRECISIONS, backend_names
 from ssdopt.errors import SsdoptError
 from ssdopt.quantize.calibration_reader import CALIBRATION_METHODS, CalibrationSpec
 
-__all__ = ["CALIBRATION_METHODS", "CalibrationSpec"]  # re-exported: part of BuildSpec
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
-# name -> "module:class". One line per backend; the module is imported only when asked for, so a
-# missing runtime (tensorrt here) never breaks the others.
-BACKENDS: dict[str, str] = {
-    "onnxruntime": "ssdopt.backends.onnxruntime:OnnxRuntimeBackend",
-    "openvino": "ssdopt.backends.openvino:OpenVinoBackend",
-    "tensorrt": "ssdopt.backends.tensorrt:TensorRtBackend",
-    "torch-aoti": "ssdopt.backends.torch_aoti:TorchAotiBackend",
-}
+# re-exported: CalibrationSpec is part of BuildSpec; the registry is looked up through this module
+__all__ = ["BACKENDS", "CALIBRATION_METHODS", "PRECISIONS", "CalibrationSpec", "backend_names"]
 
 
 @dataclass(frozen=True)
@@ -269,10 +260,6 @@ class Backend(Protocol):
     def load(self, engine: Path) -> Runner: ...
 
     def layers(self, engine: Path) -> list[LayerInfo]: ...
-
-
-def backend_names() -> tuple[str, ...]:
-    return tuple(BACKENDS)
 
 
 def get_backend(name: str) -> Backend:

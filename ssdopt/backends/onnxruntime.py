@@ -37,6 +37,9 @@ ENGINE_FILE = "engine.onnx"
 QUANTIZED_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize", "QuantizeLinear")
 ACTIVATION_OPS = ("Relu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "LeakyRelu", "Tanh")
 # ORT names a node it creates after the node it replaces, plus these suffixes.
+# ORT's NCHWc transformer (chosen on AVX-512 CPUs): layout conversions around its blocked convs
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+NCHWC_LAYOUT_OPS = ("ReorderInput", "ReorderOutput")
 _ORT_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
 
 
@@ -178,10 +181,20 @@ class OnnxRuntimeBackend:
             for name in node["inputs"][:1]:
                 consumers.setdefault(name, []).append(node)
         layers = []
+        made_by: dict[str, LayerInfo] = {}
         for index, node in enumerate(model.graph.node):
             layer = _layer(node, by_name, producer, consumers, dtypes, default)
             if not layer.name:  # ORT leaves some nodes it creates unnamed
                 layer = replace(layer, name=f"{layer.type}#{index}")
+            if node.domain == NCHWC_DOMAIN and node.op_type in NCHWC_LAYOUT_OPS and node.input:
+                # A reorder back to NCHW carries the name of the tensor it restores, but the node that
+                # computed it is upstream: what that node covers is not this node's work (it keeps a
+                # Transpose it absorbed). Without this an AVX-512 conv+activation reads "not fused".
+                upstream = made_by.get(node.input[0])
+                if upstream is not None:
+                    kept = tuple(n for n in layer.fused_from if n not in upstream.fused_from)
+                    layer = replace(layer, fused_from=kept)
+            made_by.update(dict.fromkeys(node.output, layer))
             layers.append(layer)
         return layers
 

@@ -172,6 +172,9 @@ def _exclusive(store: Store) -> Iterator[None]:
 
 
 def _client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signature
+    # MLflow draws a "Downloading artifacts" bar per logged model (it reads the model back to validate
+    # it): noise between our own progress bars and the table. The user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     if store.tracking_uri.startswith(("http://", "https://")):

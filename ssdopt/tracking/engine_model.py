@@ -23,7 +23,11 @@ class EngineModel(mlflow.pyfunc.PythonModel):
         self._anchors = engine.anchors()
         self._runner = get_backend(engine.backend).load(engine.path)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - untyped: MLflow infers schemas from hints
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """np.ndarray is a hint MLflow accepts without inferring a schema from it (the batch is
+        checked by the runner against the engine's input shape)."""
         from ssdopt.backends.base import HeadOutputs
 
         images = np.asarray(model_input, dtype=np.float32)

@@ -201,14 +201,26 @@ def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=False)
 
 
-def sqlite_rows(db: Path, query: str) -> list[tuple]:
-    """Rows of `query` on a SQLite file read-only ([] while the file or its tables do not exist yet)."""
+def sqlite_rows(db: Path, query: str, *, strict: bool = False) -> list[tuple]:
+    """Rows of `query` on a SQLite file.
+
+    While a writer may be alive (polling for a kill point), the file is opened read-only and any
+    SQLite error (file or tables not there yet, a write in progress) reads as [] for "not yet".
+    With `strict` (after the writer is dead) it is opened read-write, so SQLite can roll back the
+    hot journal a killed writer leaves (a read-only connection cannot, and would see an error, not
+    the committed rows), and errors propagate instead of reading as "no rows".
+    """
     import sqlite3
 
     if not db.is_file():
+        if strict:
+            raise FileNotFoundError(db)
         return []
+    uri = f"file:{db}" if strict else f"file:{db}?mode=ro"
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as conn:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10 if strict else 1)) as conn:
             return conn.execute(query).fetchall()
     except sqlite3.Error:
+        if strict:
+            raise
         return []

@@ -123,8 +123,13 @@ def fp32_engine(tiny_export, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_engine("onnxruntime", "fp32", tiny_export.model, tmp_path_factory.mktemp("engines")).path
 
 
-def _mlmodel_written(root: Path) -> bool:
-    return any((root / "artifacts").glob("faults/models/*/artifacts/MLmodel"))
+def _run_running_and_mlmodel_written(root: Path) -> bool:
+    """The kill point, on states the code commits: the run's row is in the database as RUNNING (so
+    the rerun has a run to supersede) and the engine model's MLmodel file is on disk."""
+    if not any((root / "artifacts").glob("faults/models/*/artifacts/MLmodel")):
+        return False
+    rows = support.sqlite_rows(root / "mlflow.db", "select status from runs")
+    return bool(rows) and all(status == "RUNNING" for (status,) in rows)
 
 
 def test_kill_9_during_mlflow_logging_then_rerun(
@@ -139,10 +144,10 @@ def test_kill_9_during_mlflow_logging_then_rerun(
     db = root / "mlflow.db"
     support.kill_when(
         [sys.executable, "-c", LOG_ONE, str(root), str(fp32_engine)],
-        lambda: _mlmodel_written(root),
+        lambda: _run_running_and_mlmodel_written(root),
         cwd=tmp_path,
     )
-    left = support.sqlite_rows(db, "select run_uuid, status from runs")
+    left = support.sqlite_rows(db, "select run_uuid, status from runs", strict=True)
     assert left and all(status == "RUNNING" for _, status in left), left
 
     store = tracking.local_store(root)
@@ -157,7 +162,7 @@ def test_kill_9_during_mlflow_logging_then_rerun(
     client = mlflow.MlflowClient(store.tracking_uri, store.tracking_uri)
     versions = client.search_model_versions("name='tiny.cpu'")
     assert [(str(v.version), v.run_id) for v in versions] == [(version, run_id)]
-    statuses = {r: s for r, s in support.sqlite_rows(db, "select run_uuid, status from runs")}
+    statuses = dict(support.sqlite_rows(db, "select run_uuid, status from runs", strict=True))
     assert statuses.pop(run_id) == "FINISHED"
     assert set(statuses.values()) == {"KILLED"}, statuses  # the killed child's run, marked as such
     # a second rerun adds nothing

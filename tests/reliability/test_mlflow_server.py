@@ -287,5 +287,5 @@ def test_server_killed_mid_logging(
     for engine in (first, second):
         support.assert_complete_engine(engine)
     assert list((tmp_path / "mlflow" / "artifacts" / "server-down").glob("models/*/artifacts/MLmodel"))
-    rows = dict(support.sqlite_rows(server.db, RUNS_OF_EXPERIMENT))
+    rows = dict(support.sqlite_rows(server.db, RUNS_OF_EXPERIMENT, strict=True))
     assert sorted(rows.values()) == ["FINISHED", "RUNNING"], rows  # the cut run stays RUNNING until a rerun

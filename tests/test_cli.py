@@ -1,0 +1,40 @@
+"""The CLI's help is generated from the backend registry, so it cannot drift from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssdopt.backends.registry import BACKENDS, PRECISIONS
+
+SSDOPT = Path(sys.executable).with_name("ssdopt")
+
+
+def _help(*command: str) -> str:
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
+    done = subprocess.run(
+        [str(SSDOPT), *command, "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())
+
+
+@pytest.mark.parametrize("command", [("build",), ("bench",)])
+def test_help_lists_every_registered_backend_and_precision(command: tuple[str, ...]) -> None:
+    text = _help(*command)
+    assert " | ".join(BACKENDS) in text
+    assert " | ".join(PRECISIONS) in text
+
+
+def test_registry_module_imports_no_runtime() -> None:
+    """The help's source must stay light: importing it pulls in no ONNX Runtime, OpenVINO or torch."""
+    code = (
+        "import sys, ssdopt.backends.registry; "
+        "print(sorted(m for m in ('onnxruntime', 'openvino', 'torch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
