@@ -13,11 +13,11 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup run repro test lint clean
+.PHONY: setup run repro test flakes lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -qq -e '.[dev]'  # -qq: errors only (the registry's config warns per package)
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -36,6 +36,15 @@ repro: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+## The fault, soak and flow tests RUNS times in a row (flakes show as a pass count below RUNS).
+RUNS ?= 5
+flakes: setup
+	@passed=0; for i in $$(seq $(RUNS)); do \
+	  if $(BIN)/pytest -q tests/reliability tests/flows >/tmp/ssdopt-flakes-$$i.log 2>&1; \
+	  then passed=$$((passed + 1)); echo "run $$i: passed ($$(tail -1 /tmp/ssdopt-flakes-$$i.log))"; \
+	  else echo "run $$i: FAILED (log: /tmp/ssdopt-flakes-$$i.log)"; fi; done; \
+	echo "$$passed of $(RUNS) runs passed"; test $$passed -eq $(RUNS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -187,12 +187,12 @@ def summary() -> None:
             table.add_row(name, str(path), "[red]missing[/red]")
             continue
         meta = json.loads(meta_path.read_text())
-        keys = ("counts", "num_images", "strategy", "model", "num_anchors", "opset")
-        details = ", ".join(f"{k}={meta[k]}" for k in keys if k in meta)
+        keys = ("splits", "counts", "num_images", "strategy", "model", "num_anchors", "opset")
+        details = [f"{k}={meta[k]}" for k in keys if k in meta]
         md5 = output_md5(path)
         if md5:
-            details += f", dvc md5={md5}"
-        table.add_row(name, str(path), details)
+            details.append(f"dvc md5={md5}")
+        table.add_row(name, str(path), ", ".join(details))
     Console().print(table)
     report = Path(section("optimize").get("reports", "reports")) / "optimize.md"
     if report.exists():  # written by the optimize flow: engines, statuses and the champion

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ def evaluate(
     """
     logger = get_run_logger()
     ds = load_coco(Path(dataset_json))
-    result = evaluate_engine(Path(engine), ds, limit=limit, progress=False)
+    # one bar per engine for a person at a terminal; none in logs and CI
+    result = evaluate_engine(Path(engine), ds, limit=limit, progress=sys.stderr.isatty())
     stats = engine_latency(Path(engine), batch=1, plan=TimingPlan(**timing))
     logger.info(
         "%s: mAP %.4f, p50 %.2f ms, p99 %.2f ms",

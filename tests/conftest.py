@@ -32,3 +32,23 @@ def tiny_export(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def tiny_calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.make_calibration_set(tmp_path_factory.mktemp("calibration"))
+
+
+# Whole-process fault, soak, server and flow tests: `make test` (CI) runs them; a developer can skip
+# them locally with `pytest -m "not slow"` (about a third of the suite's time).
+SLOW_MODULES = {
+    "tests/reliability/test_soak.py",
+    "tests/reliability/test_faults_kill.py",
+    "tests/reliability/test_faults_disk.py",
+    "tests/reliability/test_mlflow_server.py",
+    "tests/flows/test_deployment.py",
+    "tests/flows/test_optimize_flow.py",
+    "tests/test_dvc_pipeline.py",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parent.parent
+    for item in items:
+        if str(Path(item.fspath).resolve().relative_to(root)) in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

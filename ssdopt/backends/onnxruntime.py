@@ -113,6 +113,9 @@ class OnnxRuntimeBackend:
         options = _session_options(with_nms, spec.threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(tmp / ENGINE_FILE)
+        # ORT warns that an NCHWc-optimised model is specific to this hardware: metadata.json records the
+        # CPU and its flags and `load` refuses another one, so the warning is noise here (errors still show)
+        options.log_severity_level = 3
         if with_nms:  # ssdopt::SSDDecodeNMS -> the onnxruntime-extensions form (ssdopt.ops.ort)
             from ssdopt.ops.ort import ort_model_from_onnx
 

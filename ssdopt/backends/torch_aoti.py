@@ -28,6 +28,7 @@ Pieces: aoti_detector.py (the one-graph detector, export, compile, which checkpo
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 import sys
@@ -74,6 +75,10 @@ from ssdopt.backends.engine_dir import METADATA, SCHEMA, check_engine, check_plu
 from ssdopt.data import atomic_output_dir
 from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file, sha256_files, write_json
+
+# Inductor's C++ compile warns "No CUDA runtime is found, using CUDA_HOME=..." on every CPU build of a
+# host that has nvcc but no GPU (the Makefile sets CUDA_HOME for the plugin build): not actionable.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 ENGINE_FILE = "engine.pt2"
 PROGRAM_FILE = "program.pt2"

@@ -19,6 +19,7 @@ import functools
 import os
 import re
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,7 +176,14 @@ def _client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signatu
     # MLflow draws a "Downloading artifacts" bar per logged model (it reads the model back to validate
     # it): noise between our own progress bars and the table. The user's setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
     import mlflow
+
+    # "Creating initial MLflow database tables..." and friends: INFO chatter on every fresh store
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
     if store.tracking_uri.startswith(("http://", "https://")):
         for name, value in HTTP_RETRY_DEFAULTS.items():
@@ -211,6 +219,8 @@ def log_engine_run(
     (tracking/engine_model.py) with the engine directory as its artifact: no pickle. It is
     registered after the run finished, so no version ever points at a run that a crash cut short.
     """
+    import json
+
     import mlflow
 
     engine_dir = Path(engine_dir)
@@ -229,23 +239,58 @@ def log_engine_run(
                 mlflow.log_artifacts(str(path), artifact_path=name)
             elif path.is_file():
                 mlflow.log_artifact(str(path), artifact_path=name)
-        info = mlflow.pyfunc.log_model(
-            name="engine",
-            python_model=str(ENGINE_MODEL_CODE),
-            artifacts={"engine": str(engine_dir)},
-            pip_requirements=["ssdopt"],
-        )
+        with warnings.catch_warnings():  # the signature is explicit; an example would only rerun the engine
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name="engine",
+                python_model=str(ENGINE_MODEL_CODE),
+                artifacts={"engine": str(engine_dir)},
+                pip_requirements=["ssdopt"],
+                signature=engine_signature(json.loads((engine_dir / "metadata.json").read_text())),
+            )
         mlflow.set_tag("ssdopt.model_id", info.model_id)
     version = _register(store, run.info.run_id, info.model_id, registered_model) if registered_model else None
     return run.info.run_id, version
 
 
+def engine_signature(metadata: Mapping[str, Any]):  # noqa: ANN201 - mlflow type kept out of the signature
+    """The engine model's signature: a float32 [B, 3, H, W] batch in, fixed-size detections out (the
+    runner checks the exact shape; -1 where the engine takes any size)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    shape = [d if isinstance(d, int) else -1 for d in (metadata.get("input") or {}).get("shape", [])]
+    images = tuple([-1, *shape[1:]]) if len(shape) == 4 else (-1, 3, -1, -1)
+    f32, i32 = np.dtype(np.float32), np.dtype(np.int32)
+    outputs = [
+        TensorSpec(i32, (-1,), "num_detections"),
+        TensorSpec(f32, (-1, -1, 4), "boxes"),
+        TensorSpec(f32, (-1, -1), "scores"),
+        TensorSpec(i32, (-1, -1), "labels"),
+    ]
+    return ModelSignature(inputs=Schema([TensorSpec(f32, images)]), outputs=Schema(outputs))
+
+
 def _register(store: Store, run_id: str, model_id: str, registered_model: str) -> str:
-    """Register the logged model `model_id` of the finished run `run_id`; returns the version."""
+    """Register the logged model `model_id` of the finished run `run_id`; returns the version.
+
+    mlflow.register_model prints "Created version ..." to stderr per call: captured here (the caller
+    reports the version), and written out only if registration fails."""
+    import contextlib
+    import io
+    import sys
+
     import mlflow
 
     client = _client(store)
-    version = str(mlflow.register_model(f"models:/{model_id}", registered_model).version)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(chatter):
+            version = str(mlflow.register_model(f"models:/{model_id}", registered_model).version)
+    except BaseException:
+        sys.stderr.write(chatter.getvalue())
+        raise
     client.set_model_version_tag(registered_model, version, "run_id", run_id)
     return version
 

@@ -172,6 +172,9 @@ def test_kill_9_during_mlflow_logging_then_rerun(
     assert len(client.search_model_versions("name='tiny.cpu'")) == 1
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    signature = mlflow.models.get_model_info(f"models:/tiny.cpu/{version}").signature
+    assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"][1:]) == [3, 64, 64]
+    assert [o["name"] for o in signature.outputs.to_dict()] == ["num_detections", "boxes", "scores", "labels"]
     model = mlflow.pyfunc.load_model(f"models:/tiny.cpu/{version}")
     out = model.predict(np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32))
     assert out["boxes"].shape[0] == 1 and np.isfinite(out["scores"]).all()
