@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ssdopt.backends.device import deployment_target
 from ssdopt.config import load_params
 from ssdopt.errors import SsdoptError
+from ssdopt.evaluate.engine import validation_problems
 from ssdopt.evaluate.report_table import format_rows, markdown_table
 from ssdopt.fileio import atomic_write
 from tasks.build import build
@@ -134,16 +135,19 @@ def optimize(
         (r for r in rows if (r["backend"], r["precision"]) == ref_key and r["status"] == "built"), None
     )
     for row in rows:
-        if row["status"] != "built" or reference is None or ref_row is None:
+        if row["status"] == "built" and (reference is None or ref_row is None):  # shown ❔, never ✅
+            row["reason"] = f"not validated: no {' '.join(ref_key)} reference engine in this run"
+            continue
+        if row["status"] != "built":
             continue
         res = results[(row["backend"], row["precision"])]
         row["delta_map"] = 100.0 * (row["map"] - reference["map"])
         row["agreement"] = agreement_with(reference["detections"], res["detections"])
         row["speedup"] = ref_row["p50_ms"] / row["p50_ms"]
-        ok = row["delta_map"] >= -s["budget"] and row["agreement"] >= s["min_agreement"]
-        row["status"] = "validated" if ok else "invalid"
-        if not ok:
-            row["reason"] = f"ΔmAP {row['delta_map']:+.2f} pts, agreement {row['agreement']:.2f}"
+        problems = validation_problems(row["delta_map"], row["agreement"], s["budget"], s["min_agreement"])
+        row["status"] = "invalid" if problems else "validated"
+        if problems:
+            row["reason"] = "; ".join(problems)
 
     common = {
         "model": "ssdlite320_mobilenet_v3_large",

@@ -45,7 +45,9 @@ def bench(
         None, help=f"Comma list of {choices(PRECISIONS)} (params: bench.precisions)."
     ),
     peers: str | None = typer.Option(
-        None, help="torch-eager,torch-compile,onnxruntime-fp32 (params: bench.peers)."
+        None,
+        help="torch-eager,torch-compile (params: bench.peers); the onnxruntime-fp32 accuracy "
+        "reference is always measured.",
     ),
     batch: int | None = typer.Option(None, help="Batch for latency (params: bench.batch)."),
     limit: int | None = typer.Option(None, help="Images for mAP; 0 = all (params: bench.limit)."),
@@ -107,7 +109,7 @@ def evaluate(
     """COCO mAP (pycocotools) of one engine, plus agreement with an fp32 engine; JSON output."""
     from ssdopt.data.coco import load_coco
     from ssdopt.evaluate.bench import subset
-    from ssdopt.evaluate.engine import agreement, evaluate_engine
+    from ssdopt.evaluate.engine import agreement, evaluate_engine, format_agreement
     from ssdopt.fileio import write_json
 
     p = section("bench")
@@ -120,7 +122,7 @@ def evaluate(
     path = write_json(metrics, out or Path(p.get("out", "reports")) / f"eval-{Path(engine).name}.json")
     typer.echo(
         f"mAP {metrics['map']:.4f}  mAP50 {metrics['map_50']:.4f}  AR100 {metrics['ar_100']:.4f}"
-        + (f"  agreement {metrics['agreement']:.3f}" if "agreement" in metrics else "")
+        + (f"  agreement {format_agreement(metrics['agreement'])}" if "agreement" in metrics else "")
     )
     typer.echo(f"metrics: {path}")
 
@@ -168,7 +170,7 @@ def evaluate_engine_dirs(
     from ssdopt.errors import SsdoptError
     from ssdopt.evaluate.bench import FAILED_VALIDATION, STATUS_NAMES, VALIDATED
     from ssdopt.evaluate.bench_output import write_bench_outputs
-    from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
+    from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine, validation_problems
     from ssdopt.evaluate.latency import TimingPlan
     from ssdopt.fileio import write_json
 
@@ -205,11 +207,7 @@ def evaluate_engine_dirs(
         row["delta_map"] = 100.0 * (row["map"] - ref["map"])
         row["agreement"] = agreement(row["detections"], ref["detections"])
         row["speedup"] = ref["p50_ms"] / row["p50_ms"]
-        problems = []
-        if row["delta_map"] < -budget_points:
-            problems.append(f"mAP {row['delta_map']:+.2f} points (budget -{budget_points:g})")
-        if row["agreement"] < min_agreement:
-            problems.append(f"agreement {row['agreement']:.3f} < {min_agreement:g}")
+        problems = validation_problems(row["delta_map"], row["agreement"], budget_points, min_agreement)
         if problems:
             row.update(status=FAILED_VALIDATION, reason="; ".join(problems))
         row["status_name"] = STATUS_NAMES[row["status"]]

@@ -59,7 +59,9 @@ def test_cli_turns_project_errors_into_exit_code_2(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("generate: [unclosed\n")
     proc = subprocess.run(
         [sys.executable, "-m", "ssdopt.cli", "data", "generate", "--train", "1"],
-        cwd=tmp_path, capture_output=True, text=True,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2, proc.stderr
     assert "params.yaml" in proc.stderr and "Fix:" in proc.stderr
@@ -67,6 +69,7 @@ def test_cli_turns_project_errors_into_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_cli_usage_error_exits_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ssdopt.cli", "data", "generate", "--bogus"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssdopt.cli", "data", "generate", "--bogus"], capture_output=True, text=True
+    )
     assert proc.returncode == 2

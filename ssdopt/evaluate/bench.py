@@ -7,7 +7,8 @@ precision built from the export with the fused SSDDecodeNMS node, then any extra
 
 Status legend (the Ultralytics convention):
     ✅ built and validated · ❎ built, but mAP dropped beyond the budget or agreement is below the
-    threshold · ❌ failed to build (the reason is in the row).
+    threshold · ❌ failed to build (the reason is in the row) · ❔ built, but not validated: the
+    ONNX Runtime fp32 reference itself failed (it is always measured, `--peers` or not).
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from ssdopt.backends.base import BuildSpec, Engine, get_backend
 from ssdopt.backends.device import cpu_info
 from ssdopt.data.coco import CocoDataset, load_coco
 from ssdopt.errors import SsdoptError
-from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine
+from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine, validation_problems
 from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
 from ssdopt.fileio import sha256_file
 
-VALIDATED, FAILED_VALIDATION, FAILED_BUILD = "✅", "❎", "❌"
+VALIDATED, FAILED_VALIDATION, FAILED_BUILD, NOT_VALIDATED = "✅", "❎", "❌", "❔"
 STATUS_NAMES = {
     VALIDATED: "built and validated",
     FAILED_VALIDATION: "built but failed validation",
     FAILED_BUILD: "failed to build",
+    NOT_VALIDATED: "built, not validated (no fp32 reference)",
 }
 BASELINE = ("torch-eager", "fp32")
 REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
@@ -386,7 +388,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
-    """delta_map and agreement against the ONNX Runtime fp32 row; ✅ -> ❎ outside the budget."""
+    """delta_map and agreement against the ONNX Runtime fp32 row; ✅ -> ❎ outside the budget, and
+    ❔ (never ✅) for every built row when there is no reference to validate against."""
     reference = next(
         (
             r
@@ -398,7 +401,12 @@ def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
         None,
     )
     for row in rows:
-        if row["status"] == FAILED_BUILD or reference is None:
+        if row["status"] == FAILED_BUILD:
+            continue
+        if reference is None:
+            ref_row = next((r for r in rows if (r["backend"], r["precision"]) == REFERENCE), None)
+            why = f": {ref_row['reason']}" if ref_row and ref_row.get("reason") else ""
+            row.update(status=NOT_VALIDATED, reason=f"no ONNX Runtime fp32 reference{why}")
             continue
         row["delta_map"] = (
             None
@@ -406,11 +414,9 @@ def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
             else 100.0 * (row["map"] - reference["map"])
         )
         row["agreement"] = agreement(row["detections"], reference["detections"])
-        problems = []
-        if row["delta_map"] is not None and row["delta_map"] < -cfg.budget_points:
-            problems.append(f"mAP {row['delta_map']:+.2f} points (budget -{cfg.budget_points:g})")
-        if row["agreement"] < cfg.min_agreement:
-            problems.append(f"agreement {row['agreement']:.3f} < {cfg.min_agreement:g}")
+        problems = validation_problems(
+            row["delta_map"], row["agreement"], cfg.budget_points, cfg.min_agreement
+        )
         if problems:
             row.update(status=FAILED_VALIDATION, reason="; ".join(problems))
     for row in rows:
@@ -432,14 +438,15 @@ def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[
         jobs.append(("torch.compile", lambda: compile_row(ctx, cfg)))
     if "torch-eager" in cfg.peers:
         jobs.append(("torch eager", lambda: eager_row(ctx, cfg)))
-    if "onnxruntime-fp32" in cfg.peers:
-        model = ctx.export_dir / "model.onnx"
-        jobs.append(
-            (
-                "onnxruntime fp32 (head)",
-                lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode"),
-            )
+    # The accuracy reference of every row: measured whatever `--peers` says (without it no row could be
+    # validated, and a ✅ would claim what was never checked).
+    model = ctx.export_dir / "model.onnx"
+    jobs.append(
+        (
+            "onnxruntime fp32 (head)",
+            lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode"),
         )
+    )
     for backend in cfg.backends:
         for precision in cfg.precisions:
             jobs.append(

@@ -41,6 +41,8 @@ FORMATS: dict[str, Callable[[Any], str]] = {
 
 def cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if value is None and key == "agreement" and row.get("delta_map") is not None:
+        return "n/a"  # validated, but the reference had no confident detection to agree with
     if value is None:
         return "–"
     return FORMATS[key](value) if key in FORMATS else str(value)
@@ -116,7 +118,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> Path:
             color="tab:red" if on_front else "tab:gray",
             zorder=3,
         )
-        flag = "" if row.get("status") == "✅" else " (failed validation)"  # DejaVu lacks the emoji
+        flags = {"✅": "", "❔": " (not validated)"}  # words: DejaVu lacks the emoji
+        flag = flags.get(row.get("status"), " (failed validation)")
         ax.annotate(
             f"{row['backend']} {row['precision']}{flag}",
             (row["p50_ms"], row["map"]),

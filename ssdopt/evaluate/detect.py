@@ -6,7 +6,6 @@ boxes are scaled back to the original image size; class names come from the engi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from PIL import ImageDraw
 from ssdopt.backends.base import Engine, get_backend
 from ssdopt.data.images import load_rgb8, read_image
 from ssdopt.errors import SsdoptError
-from ssdopt.evaluate.engine import as_detections, engine_input_size
+from ssdopt.evaluate.engine import as_detections, engine_classes, engine_input_size
 from ssdopt.fileio import atomic_write, write_json
 
 REGISTRY_PREFIX = "models:/"
@@ -55,12 +54,7 @@ def resolve_engine(engine: str | Path) -> Path:
 
 def class_names(engine: Engine) -> list[str]:
     """Names by label (0 = background) from the export.json copied into the engine directory."""
-    record = engine.path / "export.json"
-    if record.is_file():
-        names = json.loads(record.read_text()).get("class_names")
-        if names:
-            return list(names)
-    return []
+    return engine_classes(engine)[0] or []
 
 
 def detections_of(dets: Any, index: int, scale: np.ndarray, names: list[str], min_score: float) -> list[dict]:

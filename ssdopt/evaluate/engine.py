@@ -34,6 +34,48 @@ def engine_input_size(engine: Engine) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
+def engine_classes(engine: Engine) -> tuple[list[str] | None, int | None]:
+    """(class names by label, 0 = background; class count with background) that the engine's export
+    recorded in export.json (copied beside every engine); None where it recorded none."""
+    import json
+
+    record = engine.path / "export.json"
+    info = json.loads(record.read_text()) if record.is_file() else {}
+    names = [str(n) for n in info["class_names"]] if info.get("class_names") else None
+    count = int(info["num_classes"]) if info.get("num_classes") else (len(names) if names else None)
+    return names, count
+
+
+def _shown(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_classes(engine: Engine, ds: CocoDataset) -> None:
+    """Refuse to score an engine on a dataset of other classes: pycocotools would print a small,
+    plausible mAP for labels that mean something else. The background entry's name is not compared
+    (exports call it "__background__", "background", "bg", ...)."""
+    names, count = engine_classes(engine)
+    wanted = ds.class_names()
+    fix = (
+        f"evaluate on the dataset the model was trained for, or export a checkpoint trained on the "
+        f"classes of {ds.path} and build its engines again"
+    )
+    if names is not None and names[1:] != wanted[1:]:
+        raise SsdoptError(
+            engine.path,
+            f"an engine of the {len(wanted) - 1} classes of {ds.path} ({_shown(wanted[1:])}); "
+            f"its export has {len(names) - 1} ({_shown(names[1:])})",
+            fix,
+        )
+    if names is None and count is not None and count != len(wanted):
+        raise SsdoptError(
+            engine.path,
+            f"an engine of {len(wanted) - 1} classes + background for {ds.path}; its export has "
+            f"{count - 1} + background",
+            fix,
+        )
+
+
 def _batches(images: list[CocoImage], size: int) -> Iterator[list[CocoImage]]:
     for start in range(0, len(images), size):
         yield images[start : start + size]
@@ -90,8 +132,9 @@ def evaluate_engine(
     batch_size: int = 8,
     progress: bool = True,
 ) -> EngineResult:
-    """pycocotools metrics of an engine on (the first `limit` images of) a split."""
+    """pycocotools metrics of an engine on (the first `limit` images of) a split of its classes."""
     engine = engine if isinstance(engine, Engine) else Engine.open(engine)
+    check_classes(engine, ds)
     subset = ds
     if limit:
         keep = {im.id for im in ds.images[:limit]}
@@ -108,9 +151,10 @@ def evaluate_engine(
 
 def agreement(
     candidate: list[dict[str, Any]], reference: list[dict[str, Any]], iou: float = 0.5, min_score: float = 0.3
-) -> float:
+) -> float | None:
     """Share of the reference's confident detections (score >= min_score) that the candidate
-    reproduces: same image and category, IoU >= `iou`. 1.0 when the reference has none."""
+    reproduces: same image and category, IoU >= `iou`. None (shown as n/a) when the reference has
+    no confident detection: there is nothing to agree with, which is not agreement."""
     import torch
     from torchvision.ops import box_iou
 
@@ -125,7 +169,7 @@ def agreement(
     ref, cand = index(reference), index(candidate)
     total = sum(len(v) for v in ref.values())
     if total == 0:
-        return 1.0
+        return None
     matched = 0
     for key, boxes in ref.items():
         other = cand.get(key)
@@ -134,6 +178,24 @@ def agreement(
         ious = box_iou(torch.from_numpy(boxes), torch.from_numpy(other))
         matched += int((ious.max(dim=1).values >= iou).sum())
     return matched / total
+
+
+def format_agreement(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def validation_problems(
+    delta_map: float | None, agreement_share: float | None, budget_points: float, min_agreement: float
+) -> list[str]:
+    """Why an engine fails the accuracy gate against its fp32 reference ([] = it passes). The one gate
+    of `ssdopt bench`, `ssdopt evaluate-engines` and the optimize flow. An undefined agreement (the
+    reference found nothing confident) is no failure: ΔmAP alone decides."""
+    problems = []
+    if delta_map is not None and delta_map < -budget_points:
+        problems.append(f"mAP {delta_map:+.2f} points (budget -{budget_points:g})")
+    if agreement_share is not None and agreement_share < min_agreement:
+        problems.append(f"agreement {agreement_share:.3f} < {min_agreement:g}")
+    return problems
 
 
 def engine_latency(

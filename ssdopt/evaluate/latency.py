@@ -83,8 +83,12 @@ class TimingPlan:
         return cls(warmup_s=0.05, min_duration_s=0.2, min_iterations=20)
 
 
-def time_host(fn: Callable[[], object], plan: TimingPlan = TimingPlan(), batch: int = 1,
-              clock: Callable[[], float] = time.perf_counter) -> LatencyStats:
+def time_host(
+    fn: Callable[[], object],
+    plan: TimingPlan = TimingPlan(),
+    batch: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LatencyStats:
     """Time a synchronous callable (CPU runtimes; GPU callers synchronise inside `fn`)."""
     start = clock()
     while clock() - start < plan.warmup_s:

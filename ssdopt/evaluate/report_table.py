@@ -1,13 +1,14 @@
 """One row format for every engine table (flow artifact, CLI, Markdown): status legend included.
 
-✅ built and validated · ❎ built but failed validation · ❌ failed to build (with the reason).
+✅ built and validated · ❎ built but failed validation · ❌ failed to build (with the reason) ·
+❔ built, not validated (no fp32 reference to compare with).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-STATUS = {"validated": "✅", "invalid": "❎", "failed": "❌", "built": "✅"}
+STATUS = {"validated": "✅", "invalid": "❎", "failed": "❌", "built": "❔"}
 COLUMNS = (
     ("backend", "backend", "{}"),
     ("precision", "precision", "{}"),
@@ -29,6 +30,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if key == "status":
         mark = STATUS.get(str(value), "?")
         return f"{mark} {row['reason']}" if row.get("reason") else mark
+    if value is None and key == "agreement" and row.get("delta_map") is not None:
+        return "n/a"  # validated, but the reference had no confident detection to agree with
     if value is None:
         return "–"
     try:

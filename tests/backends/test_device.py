@@ -23,4 +23,3 @@ def test_target_is_the_widest_isa_tier(
     fake = {"kind": "cpu", "name": "Some CPU", "machine": "x86_64", "flags": flags}
     monkeypatch.setattr(device, "cpu_info", lambda: fake)
     assert device.deployment_target("cpu") == target
-

@@ -90,3 +90,54 @@ def test_missing_annotations_is_an_error(bench_dataset) -> None:
     ds.annotations = []
     with pytest.raises(SsdoptError, match="annotations"):
         subset(ds, 4)
+
+
+def _quick_bench(bench_run, out, **overrides):  # noqa: ANN001, ANN202
+    from ssdopt.data.coco import load_coco
+    from ssdopt.evaluate.bench import BenchConfig, run_bench_model
+    from ssdopt.evaluate.latency import TimingPlan
+
+    ds = subset(load_coco(bench_run["dataset"]), 8)
+    meta = {"model": "tiny-ssd", "class_names": ds.class_names()}
+    settings = {
+        "backends": ("onnxruntime",),
+        "precisions": ("fp32",),
+        "peers": ("torch-eager",),  # no onnxruntime-fp32 asked for
+        "limit": 8,
+        "plan": TimingPlan.quick(),
+        "eval_batch": 4,
+        "progress": False,
+        **overrides,
+    }
+    return run_bench_model(bench_run["model"], meta, ds, out, bench_run["work"], BenchConfig(**settings))
+
+
+def test_the_reference_is_measured_even_when_not_asked_for(bench_run, tmp_path) -> None:
+    rows = _quick_bench(bench_run, tmp_path / "reports")
+    reference = _row(rows, "onnxruntime", "head")
+    assert reference["status"] == VALIDATED and reference["delta_map"] == 0
+    fused = _row(rows, "onnxruntime", "fused")
+    assert fused["status"] == VALIDATED and fused["delta_map"] is not None, fused
+
+
+def test_no_reference_means_not_validated_never_a_check_mark(bench_run, tmp_path, monkeypatch) -> None:
+    from ssdopt.evaluate import bench
+    from ssdopt.evaluate.bench import NOT_VALIDATED
+
+    real = bench.engine_row
+
+    def reference_fails(backend, precision, graph_path, ctx, cfg, graph):  # noqa: ANN001, ANN202
+        if graph.startswith("head"):
+            row = bench._row(backend, precision, graph, "cpu", cfg.batch)
+            row["reason"] = "simulated build failure"
+            return row
+        return real(backend, precision, graph_path, ctx, cfg, graph)
+
+    monkeypatch.setattr(bench, "engine_row", reference_fails)
+    rows = _quick_bench(bench_run, tmp_path / "reports")
+    assert _row(rows, "onnxruntime", "head")["status"] == FAILED_BUILD
+    for row in (_row(rows, "onnxruntime", "fused"), _row(rows, "torch-eager")):
+        assert row["status"] == NOT_VALIDATED and row["delta_map"] is None, row
+        assert "no ONNX Runtime fp32 reference: simulated build failure" in row["reason"]
+    md = (tmp_path / "reports" / "bench.md").read_text()
+    assert "✅" not in md.split("| backend |", 1)[1] and "❔" in md
