@@ -18,6 +18,23 @@ app.add_typer(data_app, name="data")
 app.add_typer(plugin_app, name="plugin")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"ssdopt {version('ssdopt')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Options of `ssdopt` itself (before the command)."""
+
+
 @data_app.command("generate")
 def data_generate(
     out: Path | None = typer.Option(None, help="Output directory (params: generate.out)."),

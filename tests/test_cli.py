@@ -38,3 +38,10 @@ def test_registry_module_imports_no_runtime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run([str(SSDOPT), "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"ssdopt {version('ssdopt')}", done.stdout

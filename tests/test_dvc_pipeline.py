@@ -160,3 +160,26 @@ def test_dvc_repro_runs_every_stage_then_nothing(project: Path) -> None:
     status = json.loads(_dvc(project, "status", "--json").stdout)
     assert "quantize@int8" in status and "build@onnxruntime-fp32" not in status
     assert not {"generate", "calibration", "export"} & set(status)
+
+
+MAIN_JOB_STAGES = ("generate", "calibration", "export")  # what `make run` reproduces through DVC
+
+
+def test_committed_lock_matches_the_sources_of_the_main_job() -> None:
+    """A dvc.lock that records other bytes for a source file than the tree holds makes the first
+    `make run` of every fresh clone rerun the stage and leave dvc.lock modified (and, with autostage,
+    staged). Fix when this fails: `make repro` (or `.venv/bin/dvc repro export`) and commit dvc.lock."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    tracked = set(
+        subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    stale = []
+    for stage in MAIN_JOB_STAGES:
+        for dep in lock[stage]["deps"]:
+            if dep["path"] in tracked:  # source files and the reference checkpoint, not generated data
+                digest = hashlib.md5((ROOT / dep["path"]).read_bytes()).hexdigest()
+                if digest != dep["md5"]:
+                    stale.append(f"{stage}: {dep['path']}")
+    assert not stale, f"dvc.lock is stale for {stale}"
