@@ -101,19 +101,25 @@ def bench(
 
 def evaluate(
     engine: Path = typer.Argument(..., help="Engine directory."),
-    dataset: Path | None = typer.Option(None, help="COCO split json (params: bench.dataset)."),
+    dataset: Path | None = typer.Option(
+        None, help="COCO json or dataset folder, ssdopt or COCO layout (params: bench.dataset)."
+    ),
+    split: str = typer.Option("val", help="Split, where --dataset is a folder."),
+    images: Path | None = typer.Option(None, help="Image folder (default: found beside the json)."),
     reference: Path | None = typer.Option(None, help="fp32 engine dir for detection agreement."),
     limit: int | None = typer.Option(None, help="First N images (0 = all)."),
     out: Path | None = typer.Option(None, help="Metrics JSON (default: reports/eval-<engine>.json)."),
 ) -> None:
     """COCO mAP (pycocotools) of one engine, plus agreement with an fp32 engine; JSON output."""
-    from ssdopt.data.coco import load_coco
+    from ssdopt.data.coco import load_split
     from ssdopt.evaluate.bench import subset
     from ssdopt.evaluate.engine import agreement, evaluate_engine, format_agreement
     from ssdopt.fileio import write_json
 
     p = section("bench")
-    ds = subset(load_coco(Path(pick(dataset, p, "dataset", "data/synthetic/val.json"))), limit or None)
+    ds = subset(
+        load_split(Path(pick(dataset, p, "dataset", "data/synthetic/val.json")), split, images), limit or None
+    )
     result = evaluate_engine(engine, ds)
     metrics = {"engine": str(engine), "dataset": str(ds.path), **result.metrics}
     if reference is not None:

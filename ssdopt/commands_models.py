@@ -81,37 +81,60 @@ def export(
     opset: int | None = typer.Option(None, help="ONNX opset, >= 18 (params: export.opset)."),
     image_size: int | None = typer.Option(None, help="Square input side (params: model.image_size)."),
     tolerance: float | None = typer.Option(None, help="Max abs difference allowed vs torch (ORT CPU)."),
+    model: str | None = typer.Option(
+        None, help="Architecture of a .pth state dict (default: recognised from its tensors)."
+    ),
+    num_classes: int | None = typer.Option(None, help="Classes + background the state dict must have."),
+    class_names: str | None = typer.Option(None, help="Comma list of class names (no background)."),
+    dataset: Path | None = typer.Option(
+        None, help="COCO json (or folder with annotations/instances_*.json) to take class names from."
+    ),
 ) -> None:
-    """Export backbone+head to ONNX (+ unfolded BN variant, anchors.npy, export.json), parity-checked."""
+    """Export backbone+head to ONNX (+ unfolded BN variant, anchors.npy, export.json), parity-checked.
+
+    --checkpoint takes an ssdopt .safetensors or a torchvision state dict (.pth/.pt, plain
+    .safetensors): architecture and class count are read off its tensors, never downloaded."""
     from ssdopt.export import export_checkpoint
 
     m, e = section("model"), section("export")
+    names = [n.strip() for n in class_names.split(",") if n.strip()] if class_names else None
+    if dataset is not None and names is None:
+        from ssdopt.data.coco import load_coco, resolve_split
+
+        names = load_coco(*resolve_split(dataset)).class_names()
     path = export_checkpoint(
         Path(pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
         Path(pick(out, e, "out", "artifacts/onnx")),
         image_size=pick(image_size, m, "image_size", None),
         opset=pick(opset, e, "opset", 18),
         tolerance=pick(tolerance, e, "tolerance", 1e-4),
+        model_name=model,
+        num_classes=num_classes,
+        class_names=names,
     )
     typer.echo(f"exported to {path}")
 
 
 def evaluate_checkpoint(
     checkpoint: Path | None = typer.Option(None, help="Checkpoint (params: model.checkpoint)."),
-    dataset: Path | None = typer.Option(None, help="Dataset root (params: generate.out)."),
-    split: str = typer.Option("val", help="Split to evaluate: <dataset>/<split>.json."),
+    dataset: Path | None = typer.Option(
+        None, help="COCO json or dataset folder, ssdopt or COCO layout (params: generate.out)."
+    ),
+    split: str = typer.Option("val", help="Split to evaluate, where --dataset is a folder."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     out: Path | None = typer.Option(None, help="Write the metrics as JSON here."),
 ) -> None:
     """COCO mAP (pycocotools) of a checkpoint with its own torchvision post-processing."""
+    from ssdopt.data.coco import resolve_split
     from ssdopt.evaluate.accuracy import evaluate_checkpoint as run_evaluation
 
     m, g = section("model"), section("generate")
-    root = Path(pick(dataset, g, "out", "data/synthetic"))
+    coco_json, image_dir = resolve_split(Path(pick(dataset, g, "out", "data/synthetic")), split)
     metrics = run_evaluation(
         Path(pick(checkpoint, m, "checkpoint", "data/reference/ssdlite320_shapes.safetensors")),
-        root / f"{split}.json",
+        coco_json,
+        image_dir=image_dir,
         batch_size=batch_size,
         device=device,
         out=out,

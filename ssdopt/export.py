@@ -263,9 +263,17 @@ def export_checkpoint(
     image_size: int | None = None,
     opset: int = 18,
     tolerance: float = 1e-4,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
 ) -> Path:
-    """Load an ssdopt checkpoint (safetensors, no pickle) and `export_onnx` it; returns out_dir."""
-    model, meta = load_checkpoint(checkpoint)
+    """Load a checkpoint (ssdopt safetensors, or a torchvision state dict; never unpickled) and
+    `export_onnx` it; returns out_dir. `model_name`, `num_classes`, `class_names`: for a user's own
+    state dict, which does not record them (see ssdopt.models.foreign)."""
+    model, meta = load_checkpoint(
+        checkpoint, model=model_name, num_classes=num_classes, class_names=class_names
+    )
     info = {
         "model": meta["model"],
         "class_names": meta["class_names"],

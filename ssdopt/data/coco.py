@@ -239,3 +239,70 @@ def write_coco(dataset: CocoDataset | dict, path: Path) -> Path:
     data = coco_dict(dataset) if isinstance(dataset, CocoDataset) else dataset
     text = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _image_dir_candidates(json_path: Path, split: str) -> list[Path]:
+    """Where the COCO layouts people use keep the images of `json_path` (first match wins)."""
+    stem = json_path.stem.removeprefix("instances_")  # instances_val2017 -> val2017
+    root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
+    return [
+        json_path.with_suffix(""),  # ssdopt's own layout: <root>/<split>.json beside <root>/<split>/
+        root / stem,  # COCO: annotations/instances_val2017.json beside val2017/
+        root / "images" / stem,
+        root / "images" / split,
+        root / "images",
+    ]
+
+
+def resolve_split(
+    path: Path | str, split: str = "val", images: Path | str | None = None
+) -> tuple[Path, Path]:
+    """(annotation json, image folder) of a split, for every command's `--dataset`:
+
+    - a json file (its images in `images`, or found as below);
+    - a folder in ssdopt's layout: `<split>.json` beside `<split>/`;
+    - a folder in COCO's layout: `annotations/instances_<split>*.json` with `<split>*/` or `images/`.
+    The image folder is the first candidate that holds the split's first image (else the first
+    that exists: reading then names the missing image and the fix).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / f"{split}.json"] if (path / f"{split}.json").is_file() else []
+        found = found or sorted((path / "annotations").glob(f"instances_{split}*.json"))
+        if len(found) != 1:
+            raise SsdoptError(
+                path,
+                f"a COCO dataset folder holding {split}.json or annotations/instances_{split}*.json "
+                f"(found {len(found)})",
+                "pass the annotation json itself (and --images) or another --split",
+            )
+        path = found[0]
+    if not path.is_file():
+        raise SsdoptError(path, "a COCO annotation json or a dataset folder", "check the --dataset path")
+    if images is not None:
+        return path, Path(images)
+    candidates = list(dict.fromkeys(_image_dir_candidates(path, split)))
+    first = _first_file_name(path)
+    for candidate in candidates:
+        if first is not None and (candidate / first).is_file():
+            return path, candidate
+    # none holds it: the first folder there is (or ssdopt's default), and reading the image names
+    # the missing file; a malformed json is reported by load_coco with what is wrong in it
+    existing = [c for c in candidates if c.is_dir()]
+    return path, existing[0] if existing else candidates[0]
+
+
+def _first_file_name(json_path: Path) -> str | None:
+    """file_name of the first image, or None where the file is not that well formed (load_coco then
+    says what is wrong with it)."""
+    try:
+        name = _read_json(json_path)["images"][0]["file_name"]
+    except (SsdoptError, KeyError, IndexError, TypeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def load_split(path: Path | str, split: str = "val", images: Path | str | None = None) -> CocoDataset:
+    """load_coco of whatever `resolve_split` finds at `path`."""
+    json_path, image_dir = resolve_split(path, split, images)
+    return load_coco(json_path, image_dir)

@@ -214,19 +214,22 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     out: Path | None = None,
     progress: bool = True,
+    image_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """pycocotools metrics of an ssdopt checkpoint on a COCO split, with the model's own post-processing.
+    """pycocotools metrics of a checkpoint on a COCO split, with the model's own post-processing.
 
     The checkpoint's class names must equal the dataset's. With `out`, the metrics (plus the checkpoint
     and dataset paths) are written there as JSON, atomically.
     """
-    from ssdopt.data.coco import load_coco
+    from ssdopt.data.coco import load_split
     from ssdopt.models.zoo import load_checkpoint
 
-    ds = load_coco(coco_json)
+    ds = load_split(coco_json, images=image_dir)
     names = ds.class_names()
-    model, meta = load_checkpoint(checkpoint, expected_num_classes=len(names))
-    if list(meta["class_names"]) != names:
+    # a user's own state dict records no names: it is taken to be of this dataset's classes (the count
+    # is still checked); label 0 is background whatever a checkpoint calls it
+    model, meta = load_checkpoint(checkpoint, expected_num_classes=len(names), class_names=names)
+    if list(meta["class_names"])[1:] != names[1:]:
         raise SsdoptError(
             checkpoint,
             f"a model of the classes of {coco_json} ({names[1:]}), "

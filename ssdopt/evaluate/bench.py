@@ -26,7 +26,7 @@ import numpy as np
 
 from ssdopt.backends.base import BuildSpec, Engine, get_backend
 from ssdopt.backends.device import cpu_info
-from ssdopt.data.coco import CocoDataset, load_coco
+from ssdopt.data.coco import CocoDataset, load_coco, load_split
 from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine, validation_problems
 from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
@@ -134,7 +134,7 @@ def subset(ds: CocoDataset, limit: int | None) -> CocoDataset:
 
 
 def _check_classes(model_classes: list[str], ds: CocoDataset, source: str) -> None:
-    if list(model_classes) != ds.class_names():
+    if list(model_classes)[1:] != ds.class_names()[1:]:  # label 0 is background, whatever its name
         raise SsdoptError(
             source,
             f"a model of the classes of {ds.path} ({ds.class_names()[1:]}), got {list(model_classes)[1:]}",
@@ -497,8 +497,8 @@ def run_bench(
     from ssdopt.models.zoo import load_checkpoint
 
     checkpoint, cfg = Path(checkpoint), cfg or BenchConfig()
-    ds = subset(load_coco(Path(dataset_json)), cfg.limit)
-    model, meta = load_checkpoint(checkpoint)
+    ds = subset(load_split(Path(dataset_json)), cfg.limit)
+    model, meta = load_checkpoint(checkpoint, class_names=ds.class_names())
     _check_classes(meta["class_names"], ds, str(checkpoint))
     return run_bench_model(model, meta, ds, out_dir, work_dir, cfg, checkpoint=checkpoint, command=command)
 

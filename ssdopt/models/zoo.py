@@ -173,11 +173,32 @@ def read_checkpoint_meta(path: Path | str) -> dict[str, Any]:
     return _parse_meta(path, header)
 
 
-def load_checkpoint(
-    path: Path | str, *, expected_num_classes: int | None = None
-) -> tuple[SSD, dict[str, Any]]:
-    """Rebuild the model named in the checkpoint and load its weights (safetensors only, no pickle).
+def is_ssdopt_checkpoint(path: Path) -> bool:
+    """A .safetensors file carrying ssdopt's metadata (anything else is a user's own checkpoint)."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return META_KEY in (handle.metadata() or {})
+    except Exception:  # noqa: BLE001 - damaged: read_checkpoint_meta reports it with the fix
+        return True
+
+
+def load_checkpoint(
+    path: Path | str,
+    *,
+    expected_num_classes: int | None = None,
+    model: str | None = None,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[SSD, dict[str, Any]]:
+    """Rebuild the model of a checkpoint and load its weights (never unpickling, never downloading).
+
+    An ssdopt checkpoint (safetensors + metadata) names its model and classes. A user's own torchvision
+    state dict (.pth/.pt, or plain safetensors) is recognised from its tensors (ssdopt.models.foreign);
+    `model`, `num_classes` and `class_names` then pin or name what the tensors cannot say.
     Returns (model in eval mode on CPU, metadata). Every failure is an SsdoptError naming the file:
     missing, corrupt, unknown model name, class count different from `expected_num_classes` or from
     the metadata, keys that do not fit the architecture, NaN/Inf weights.
@@ -185,6 +206,14 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     path = _existing(path)
+    if not is_ssdopt_checkpoint(path):
+        from ssdopt.models.foreign import load_foreign_checkpoint
+
+        built, meta = load_foreign_checkpoint(
+            path, model=model, num_classes=num_classes, class_names=class_names
+        )
+        _check_expected_classes(path, meta, expected_num_classes)
+        return built, meta
     meta = read_checkpoint_meta(path)
     try:
         tensors = load_file(str(path))
@@ -195,10 +224,12 @@ def load_checkpoint(
             "re-download it, or retrain with `ssdopt train`",
         ) from exc
     _check_finite(tensors, path, "retrain or restore the checkpoint; a diverged run cannot be used")
-    # A checkpoint started from torchvision's ImageNet backbone has that backbone's architecture
-    # (ssdlite: no reduced tail), so rebuilding it needs the backbone file (network or torch hub cache).
-    pretrained = bool(meta.get("pretrained_backbone", False))
-    model = _build(meta["model"], int(meta["num_classes"]), pretrained_backbone=pretrained, postprocess={})
+    # A checkpoint started from torchvision's ImageNet backbone has that backbone's layout (ssdlite: the
+    # full tail): built with random weights, which the checkpoint's replace (nothing is downloaded).
+    from ssdopt.models.foreign import build_layout
+
+    full_tail = bool(meta.get("pretrained_backbone", False))
+    model = build_layout(meta["model"], int(meta["num_classes"]), full_tail, {})
     weights_classes = _num_classes_in(tensors, model)
     if weights_classes is not None and weights_classes != int(meta["num_classes"]):
         raise SsdoptError(
@@ -207,13 +238,7 @@ def load_checkpoint(
             f"but they have {weights_classes}",
             "the file is inconsistent: retrain or restore it",
         )
-    if expected_num_classes is not None and int(meta["num_classes"]) != expected_num_classes:
-        raise SsdoptError(
-            path,
-            f"a checkpoint with {expected_num_classes} classes (background included), "
-            f"but the checkpoint has {meta['num_classes']} classes",
-            "use the checkpoint trained on this dataset, or retrain with `ssdopt train`",
-        )
+    _check_expected_classes(path, meta, expected_num_classes)
     model_keys = set(model.state_dict())
     missing, unexpected = sorted(model_keys - set(tensors)), sorted(set(tensors) - model_keys)
     if missing or unexpected:
@@ -236,12 +261,22 @@ def load_checkpoint(
     return model, meta
 
 
+def _check_expected_classes(path: Path, meta: dict[str, Any], expected_num_classes: int | None) -> None:
+    if expected_num_classes is not None and int(meta["num_classes"]) != expected_num_classes:
+        raise SsdoptError(
+            path,
+            f"a checkpoint with {expected_num_classes} classes (background included), "
+            f"but the checkpoint has {meta['num_classes']} classes",
+            "use the checkpoint trained on this dataset, or retrain with `ssdopt train`",
+        )
+
+
 def _existing(path: Path | str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise SsdoptError(
             path,
-            "an existing .safetensors checkpoint",
+            "an existing checkpoint (.safetensors, or a torchvision state dict .pth)",
             "check the path (params.yaml model.checkpoint), or train one with `ssdopt train`",
         )
     return path

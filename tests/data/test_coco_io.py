@@ -166,3 +166,56 @@ def test_not_a_coco_json(tmp_path: Path, content: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SsdoptError, match="nowhere.json"):
         load_coco(tmp_path / "nowhere.json")
+
+
+def _split(json_path: Path, image_dir: Path) -> Path:
+    """A one-image COCO split at `json_path` whose image lies in `image_dir`."""
+    from PIL import Image
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(image_dir / "000001.png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "images": [{"id": 1, "file_name": "000001.png", "width": 8, "height": 8}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}
+        ],
+        "categories": [{"id": 3, "name": "car"}],
+    }
+    json_path.write_text(json.dumps(data))
+    return json_path
+
+
+@pytest.mark.parametrize(
+    ("json_rel", "images_rel", "given"),
+    [
+        ("val.json", "val", "."),  # ssdopt's own layout, folder given
+        ("annotations/instances_val2017.json", "val2017", "."),  # COCO 2017
+        ("annotations/instances_val.json", "images", "."),  # annotations/ + images/
+        ("annotations/instances_val.json", "images/val", "."),
+        ("annotations/instances_val2017.json", "val2017", "annotations/instances_val2017.json"),  # the json
+    ],
+)
+def test_dataset_layouts_users_have(tmp_path: Path, json_rel: str, images_rel: str, given: str) -> None:
+    from ssdopt.data.coco import load_split, resolve_split
+
+    json_path = _split(tmp_path / json_rel, tmp_path / images_rel)
+    assert resolve_split(tmp_path / given, "val") == (json_path, tmp_path / images_rel)
+    ds = load_split(tmp_path / given, "val")
+    assert ds.image_path(ds.images[0]).is_file() and ds.class_names() == ["__background__", "car"]
+
+
+def test_explicit_images_folder_wins(tmp_path: Path) -> None:
+    from ssdopt.data.coco import resolve_split
+
+    json_path = _split(tmp_path / "labels.json", tmp_path / "photos")
+    assert resolve_split(json_path, images=tmp_path / "photos") == (json_path, tmp_path / "photos")
+    assert resolve_split(json_path)[1] == tmp_path / "labels"  # nothing holds it: the default, named on read
+
+
+def test_a_folder_without_a_split_is_refused(tmp_path: Path) -> None:
+    from ssdopt.data.coco import resolve_split
+
+    _split(tmp_path / "annotations/instances_train2017.json", tmp_path / "train2017")
+    with pytest.raises(SsdoptError, match="instances_val"):
+        resolve_split(tmp_path, "val")

@@ -140,11 +140,19 @@ def test_unknown_model_name_in_checkpoint(tmp_path: Path, checkpoint: Path):
     assert "ssd9000" in str(err.value) and NAME in str(err.value)
 
 
-def test_checkpoint_without_ssdopt_metadata(tmp_path: Path, checkpoint: Path):
+def test_checkpoint_without_ssdopt_metadata_is_a_users_state_dict(
+    tmp_path: Path, checkpoint: Path, small_model
+):
+    """Plain safetensors: recognised from its tensors (tests/models/test_foreign.py has the rest)."""
     path = tmp_path / "plain.safetensors"
     save_file(load_file(str(checkpoint)), str(path))
-    with pytest.raises(SsdoptError, match="metadata"):
-        load_checkpoint(path)
+    model, meta = load_checkpoint(path, class_names=CLASSES[1:])
+    assert (meta["model"], meta["num_classes"], meta["class_names"]) == (NAME, 4, CLASSES)
+    images = torch.rand(1, 3, 320, 320)
+    with torch.no_grad():
+        want = small_model.head(list(small_model.backbone(images).values()))
+        got = model.head(list(model.backbone(images).values()))
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_nan_weights_are_refused_on_load_and_on_save(tmp_path: Path, checkpoint: Path, small_model):

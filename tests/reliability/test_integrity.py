@@ -3,9 +3,9 @@ recorded sha256 before any runtime or loader sees them; a failed writer leaves n
 
 from __future__ import annotations
 
+import ast
 import json
 import pickle
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,15 +50,45 @@ def test_a_pickle_checkpoint_is_refused_without_being_unpickled(
     assert not marker.exists()
 
 
+def _unpickling_calls(tree: ast.AST) -> list[int]:
+    """Lines of calls that unpickle: pickle.load(s), joblib.load, and torch.load without
+    weights_only=True (the one torch loader allowed: it refuses anything but tensors and containers)."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        name = node.func.attr
+        safe = any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in node.keywords
+        )
+        if (owner == "pickle" and name in ("load", "loads")) or (owner == "joblib" and name == "load"):
+            lines.append(node.lineno)
+        elif owner == "torch" and name == "load" and not safe:
+            lines.append(node.lineno)
+    return lines
+
+
 def test_no_pickle_loader_in_the_package() -> None:
-    pattern = re.compile(r"\btorch\.load\(|\bpickle\.loads?\(|weights_only\s*=\s*False|\bjoblib\.load\(")
     offenders = [
-        f"{path.relative_to(SSDOPT.parent)}:{number}"
+        f"{path.relative_to(SSDOPT.parent)}:{line}"
         for path in SSDOPT.rglob("*.py")
-        for number, line in enumerate(path.read_text().splitlines(), start=1)
-        if pattern.search(line)
+        for line in _unpickling_calls(ast.parse(path.read_text()))
     ]
     assert offenders == []
+
+
+def test_the_unpickling_check_finds_what_it_must() -> None:
+    code = "\n".join(
+        [
+            "torch.load(p)",
+            "torch.load(p, weights_only=False)",
+            "pickle.loads(b)",
+            "torch.load(p, weights_only=True)",
+        ]
+    )
+    assert _unpickling_calls(ast.parse(code)) == [1, 2, 3]
 
 
 def test_engine_sha256_is_checked_before_the_runtime_loads_it(api_refused, engine_copy, monkeypatch) -> None:
