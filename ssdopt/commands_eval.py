@@ -137,14 +137,15 @@ def detect(
     engine: str = typer.Option(
         ..., help="Engine directory (or models:/NAME@ALIAS where tracking resolves it)."
     ),
-    images: list[Path] = typer.Argument(..., help="Image files."),
+    images: list[Path] = typer.Argument(..., help="Image files and folders of images."),
     out: Path = typer.Option(Path("reports/detect"), help="Output directory."),
     min_score: float = typer.Option(0.3, help="Draw and report detections at or above this score."),
+    batch_size: int = typer.Option(8, help="Images per engine call."),
 ) -> None:
     """Detect objects in image files: annotated PNG + JSON per image."""
     from ssdopt.evaluate.detect import detect_images
 
-    for png, record in detect_images(engine, images, out, min_score):
+    for png, record in detect_images(engine, images, out, min_score, batch_size):
         typer.echo(f"{png}  {record}")
 
 

@@ -139,7 +139,8 @@ def test_dvc_repro_runs_every_stage_then_nothing(project: Path) -> None:
             assert meta["quantization"]["prequantized"] is True  # built from quantize@int8, not re-quantized
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(metrics) == set(ENGINES)
-    assert metrics["onnxruntime-fp32"]["delta_map"] == 0.0 and metrics["onnxruntime-fp32"]["agreement"] == 1.0
+    assert metrics["onnxruntime-fp32"]["delta_map"] == 0.0
+    assert metrics["onnxruntime-fp32"]["agreement"] in (1.0, None)  # itself, or n/a: nothing confident
     for values in metrics.values():
         assert 0.0 <= values["map"] <= 1.0 and values["p99_ms"] >= values["p50_ms"] > 0
     pareto = json.loads((project / "reports" / "pareto.json").read_text())

@@ -89,14 +89,42 @@ def draw(path: Path, detections: list[dict], out: Path) -> Path:
     return atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The image files of `paths`: files as given, folders expanded to their images (sorted, not
+    recursive, by suffix)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise SsdoptError(
+                    path, f"a folder holding images ({', '.join(IMAGE_SUFFIXES)})", "pass another folder"
+                )
+            found += inside
+        else:
+            found.append(path)
+    return found
+
+
 def detect_images(
-    engine: str | Path, images: list[Path], out_dir: Path, min_score: float = 0.3
+    engine: str | Path,
+    images: list[Path],
+    out_dir: Path,
+    min_score: float = 0.3,
+    batch_size: int = 8,
 ) -> list[tuple[Path, Path]]:
-    """(annotated PNG, detections JSON) per image under `out_dir`, named after the image's stem."""
+    """(annotated PNG, detections JSON) per image under `out_dir`, named after the image's stem.
+    `images`: files and folders of images; the engine runs `batch_size` images at a time."""
     if not images:
-        raise SsdoptError("IMAGES", "at least one image file", "pass image paths after the options")
+        raise SsdoptError("IMAGES", "at least one image file or folder", "pass image paths after the options")
     if not 0.0 <= min_score <= 1.0:  # NaN compares False too
         raise SsdoptError(f"--min-score {min_score}", "a score in [0, 1]", "pass e.g. --min-score 0.3")
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise SsdoptError(f"--batch-size {batch_size}", "a positive batch size", "pass e.g. --batch-size 8")
+    images = image_files(images)
     stems = [Path(p).stem for p in images]
     if len(set(stems)) != len(stems):
         raise SsdoptError(
@@ -109,29 +137,34 @@ def detect_images(
     if height != width:
         raise SsdoptError(loaded.path, "a square-input engine", "rebuild from a square export")
     names = class_names(loaded)
-    # Decode every image before writing anything: a corrupt file fails the run with no outputs.
-    inputs = [(path, load_rgb8(path).size, read_image(path, size=height)[None]) for path in map(Path, images)]
+    # Decode every image before writing anything: a corrupt file fails the run with no outputs. Only
+    # the sizes are kept; pixels are read again batch by batch (a folder may hold thousands).
+    sizes = [load_rgb8(path).size for path in images]  # (W, H)
     runner = get_backend(loaded.backend).load(loaded.path)
     written = []
     try:
-        for path, original, batch in inputs:  # original: (W, H)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            batch = np.stack([read_image(path, size=height) for path in chunk])
             dets = as_detections(runner.infer(batch), loaded, height, width)
-            scale = np.array([original[0] / width, original[1] / height] * 2)
-            found = detections_of(dets, 0, scale, names, min_score)
-            record = {
-                "image": str(path),
-                "engine": str(loaded.path),
-                "width": original[0],
-                "height": original[1],
-                "min_score": min_score,
-                "detections": found,
-            }
-            written.append(
-                (
-                    draw(path, found, out_dir / f"{path.stem}.png"),
-                    write_json(record, out_dir / f"{path.stem}.json"),
+            for index, path in enumerate(chunk):
+                original = sizes[start + index]
+                scale = np.array([original[0] / width, original[1] / height] * 2)
+                found = detections_of(dets, index, scale, names, min_score)
+                record = {
+                    "image": str(path),
+                    "engine": str(loaded.path),
+                    "width": original[0],
+                    "height": original[1],
+                    "min_score": min_score,
+                    "detections": found,
+                }
+                written.append(
+                    (
+                        draw(path, found, out_dir / f"{path.stem}.png"),
+                        write_json(record, out_dir / f"{path.stem}.json"),
+                    )
                 )
-            )
     finally:
         runner.close()
     return written

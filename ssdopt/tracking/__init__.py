@@ -72,6 +72,23 @@ def local_store(root: Path | str = "mlflow") -> Store:
     return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(), lock)
 
 
+def existing_store(root: Path | str | None = None) -> Store:
+    """local_store for reading: $MLFLOW_TRACKING_URI, or the SQLite store under `root` (params.yaml
+    optimize.mlflow_root) that must exist already. Reading from another directory must not create an
+    empty store there and then report that the model is not registered."""
+    from ssdopt.config import section
+
+    root = Path(root if root is not None else section("optimize").get("mlflow_root", "mlflow")).resolve()
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (root / "mlflow.db").is_file():
+        raise SsdoptError(
+            root / "mlflow.db",
+            "an MLflow store with the registered engines",
+            "run from the project directory that ran the optimize flow (or `make run`), or set "
+            "MLFLOW_TRACKING_URI to the tracking server",
+        )
+    return local_store(root)
+
+
 def redact_uri(text: str) -> str:
     """`text` with the password of every scheme://user:password@host replaced by ***."""
     return re.sub(r"(\w+://[^/\s:@]+):[^/\s@]+@", r"\1:***@", text)
@@ -427,7 +444,7 @@ def resolve_engine_uri(uri: str, store: Store | None = None) -> Path:
     """models:/NAME@ALIAS (or models:/NAME/VERSION) -> a local copy of the logged engine directory."""
     import mlflow
 
-    store = store or local_store()
+    store = store or existing_store()
     _client(store)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

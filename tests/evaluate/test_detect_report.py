@@ -93,3 +93,30 @@ def test_report_renders_in_headless_chromium(bench_run, tmp_path) -> None:
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.std() > 5  # not a blank page
     shutil.copyfile(shot, bench_run["out"] / "report_screenshot.png")
+
+
+def test_detect_takes_a_folder_and_batches_without_changing_results(bench_run, tmp_path) -> None:
+    folder = bench_run["dataset"].parent / "val"
+    one = detect_images(bench_run["engine"], [folder], tmp_path / "b1", 0.3, batch_size=1)
+    three = detect_images(bench_run["engine"], [folder], tmp_path / "b3", 0.3, batch_size=3)
+    assert len(one) == len(three) == len(list(folder.glob("*.jpg"))) == 8
+    for (_, a), (_, b) in zip(one, three, strict=True):
+        da, db = json.loads(a.read_text())["detections"], json.loads(b.read_text())["detections"]
+        assert [d["label"] for d in da] == [d["label"] for d in db]
+        np.testing.assert_allclose([d["box_xyxy"] for d in da], [d["box_xyxy"] for d in db], atol=1e-3)
+    with pytest.raises(SsdoptError, match="batch-size"):
+        detect_images(bench_run["engine"], [folder], tmp_path / "b0", 0.3, batch_size=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SsdoptError, match="holding images"):
+        detect_images(bench_run["engine"], [empty], tmp_path / "none", 0.3)
+
+
+def test_registry_uri_from_another_directory_creates_no_store(tmp_path, monkeypatch) -> None:
+    from ssdopt.tracking import resolve_engine_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SsdoptError, match="MLflow store with the registered engines"):
+        resolve_engine_uri("models:/ssdlite-shapes.cpu-avx2@champion")
+    assert list(tmp_path.iterdir()) == [], "resolving created files in the working directory"

@@ -63,7 +63,8 @@ def test_optimize_builds_logs_and_promotes(tiny_project: Path, prefect_harness) 
         and "tensorrt" in rows[("tensorrt", "fp16")]["reason"]
     )
     ort, ov = rows[("onnxruntime", "fp32")], rows[("openvino", "fp32")]
-    assert ort["status"] == "validated" and ort["delta_map"] == 0.0 and ort["agreement"] == 1.0
+    assert ort["status"] == "validated" and ort["delta_map"] == 0.0
+    assert ort["agreement"] in (1.0, None)  # itself; None (n/a) when nothing scores >= 0.3 in the tiny model
     assert ov["status"] == "validated" and abs(ov["delta_map"]) <= 1.0
     for row in (ort, ov):
         assert row["p99_ms"] >= row["p50_ms"] > 0 and row["version"] in {"1", "2"}
