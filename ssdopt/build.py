@@ -46,7 +46,11 @@ def build_key(
     calibration: dict[str, Any] | None,
     nms_plugin_sha256: str | None = None,
 ) -> str:
-    """sha256 over everything that decides the engine's bytes (and results: the decode plugin)."""
+    """sha256 over everything that decides the engine's bytes (and results: the decode plugin).
+
+    Contents, not locations: the ONNX, plugin libraries and calibration set enter by their hashes, so
+    one build found from another checkout, virtual env or machine (same device) gets the same key.
+    """
     fields = {
         "schema": SCHEMA,
         "ssdopt": __version__,
@@ -54,7 +58,7 @@ def build_key(
         "runtime_version": runtime_version,
         "device": device_info(spec.device),
         "onnx_sha256": sha256_file(onnx_path),
-        "spec": spec.key_fields(),
+        "spec": _spec_key_fields(spec),
         "calibration": None
         if calibration is None
         else {
@@ -64,6 +68,16 @@ def build_key(
         "nms_plugin_sha256": nms_plugin_sha256,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _spec_key_fields(spec: BuildSpec) -> dict[str, Any]:
+    """spec.key_fields() without the paths it holds: the plugin library enters by its sha256 and the
+    calibration set by its manifest sha256 / DVC md5 (build_key's other fields)."""
+    fields = spec.key_fields()
+    fields.pop("plugin_library", None)
+    if isinstance(fields.get("calibration"), dict):
+        fields["calibration"] = {k: v for k, v in fields["calibration"].items() if k != "directory"}
+    return fields
 
 
 def _reusable(path: Path, key: str) -> bool:

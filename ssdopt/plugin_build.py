@@ -8,6 +8,12 @@ Two builds, each cached by the sha256 of its sources and configuration:
     CUDA -> build/plugins/torch-<sha>/{lib/ssdopt_nms_torch.so, build.json}
 build.json records the compiler, the CUDA version and architectures and the sha256 of each library;
 ssdopt/ops/library.py checks those hashes before loading anything.
+
+The key holds what changes the output (versions of the compiler, CMake, OpenVINO, TensorRT headers, CUDA,
+torch; flags; sources), never where a tool is installed: an engine built in one virtual env or checkout
+must find the same key in another. The compile maps the source, SDK and build folders to fixed names
+(-ffile-prefix-map) and CPU builds carry no build rpath, so the libraries' bytes do not hold those
+locations either (a library's sha256 is what an engine records).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +44,16 @@ DEFAULT_BUILD_ROOT = REPO_ROOT / "build" / "plugins"
 CUDA_ARCHS = ("80", "86", "89", "90")
 TORCH_EXTENSION_NAME = "ssdopt_nms_torch"
 SOURCE_SUFFIXES = {".h", ".hpp", ".cuh", ".c", ".cc", ".cpp", ".cu", ".txt", ".cmake", ".in"}
+# Configuration entries that say where a tool is, not what it is: given to CMake / the compiler, kept out
+# of the key (their versions are in it).
+LOCATION_FIELDS = ("cxx", "cmake", "cuda_home", "openvino_dir", "tensorrt_root")
+# Bump when the way locations are kept out of the libraries' bytes changes (older builds embed them).
+PATH_INDEPENDENCE = "file-prefix-map+no-cpu-rpath/1"
+TENSORRT_HEADER_DIRS = (
+    "/usr/include/x86_64-linux-gnu",
+    "/usr/include/aarch64-linux-gnu",
+    "/usr/local/tensorrt/include",
+)
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,11 @@ def plugin_sources(source_dir: Path = PLUGIN_SOURCE_DIR, under: tuple[str, ...] 
     return sorted(files)
 
 
+def key_fields(config: dict) -> dict:
+    """The configuration without its locations (LOCATION_FIELDS): what enters the content key."""
+    return {k: v for k, v in config.items() if k not in LOCATION_FIELDS}
+
+
 def content_key(files: list[Path], base: Path, config: dict) -> str:
     """sha256 over the relative path and bytes of each file and the JSON of the configuration."""
     digest = hashlib.sha256()
@@ -196,8 +218,55 @@ def openvino_cmake_dir() -> Path | None:
     return path if (path / "OpenVINOConfig.cmake").exists() else None
 
 
+def openvino_version() -> str | None:
+    """openvino.__version__ (it names the build, e.g. 2026.4.1-22982-e213a147257-...), None without it."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__)
+
+
+def tensorrt_header_version(root: str | None) -> str | None:
+    """TensorRT version from NvInferVersion.h where the binding's CMake would find it, None without it."""
+    candidates = [Path(root) / "include"] if root else []
+    if os.environ.get("TRT_INCLUDE_DIR"):
+        candidates.append(Path(os.environ["TRT_INCLUDE_DIR"]))
+    candidates += [Path(d) for d in TENSORRT_HEADER_DIRS]
+    for folder in candidates:
+        header = folder / "NvInferVersion.h"
+        if header.is_file():
+            text = header.read_text(errors="replace")
+            parts = [
+                re.search(rf"#define (?:NV_TENSORRT|TRT)_{part}(?:_ENTERPRISE)? +(\d+)", text)
+                for part in ("MAJOR", "MINOR", "PATCH")
+            ]
+            return ".".join(m.group(1) if m else "?" for m in parts)
+    return None
+
+
+def prefix_map_flags(locations: dict[str, Path | str | None]) -> list[str]:
+    """-ffile-prefix-map=<folder>=<name> for each folder and its resolved path (CMake may see through a
+    symlinked venv): __FILE__ and debug paths lose the location.
+
+    A folder with whitespace is skipped (it would split the flag); its path may then stay in the bytes.
+    """
+    flags: list[str] = []
+    for name, folder in locations.items():
+        if not folder:
+            continue
+        for path in dict.fromkeys([str(folder), str(Path(folder).resolve())]):
+            flag = f"-ffile-prefix-map={path}={name}"
+            if not any(c.isspace() for c in path) and flag not in flags:
+                flags.append(flag)
+    return flags
+
+
 def native_config(cuda: bool | None, bindings: bool, build_type: str) -> dict:
-    """Everything besides the sources that changes the native build's output."""
+    """Everything besides the sources that changes the native build's output, plus where the tools are.
+
+    The locations (LOCATION_FIELDS) are what CMake needs; key_fields() drops them from the key.
+    """
     cuda_home = find_cuda_home() if cuda is not False else None
     if cuda is True and cuda_home is None:
         raise SsdoptError(
@@ -219,12 +288,33 @@ def native_config(cuda: bool | None, bindings: bool, build_type: str) -> dict:
         else [],
         "bindings": bindings,
         "openvino_dir": str(ov_dir) if ov_dir else None,
+        "openvino": openvino_version() if ov_dir else None,
         "tensorrt_root": os.environ.get("TENSORRT_ROOT") if bindings else None,
+        "tensorrt_headers": tensorrt_header_version(os.environ.get("TENSORRT_ROOT")) if bindings else None,
         "platform": f"{platform.system()}-{platform.machine()}",
+        "path_independence": PATH_INDEPENDENCE,
     }
 
 
+def native_key(
+    source_dir: Path = PLUGIN_SOURCE_DIR,
+    cuda: bool | None = None,
+    bindings: bool = True,
+    build_type: str = "Release",
+) -> tuple[str, dict]:
+    """(content key, configuration) of the native build: the key is what build_root/<key[:16]> is named by."""
+    cmake = require_tool("cmake", "CMake >= 3.18", "pip install cmake (or apt-get install cmake)")
+    config = native_config(cuda, bindings, build_type)
+    config["cmake"] = cmake
+    config["cmake_version"] = tool_version([cmake, "--version"])
+    return content_key(plugin_sources(source_dir), source_dir, key_fields(config)), config
+
+
 def cmake_arguments(config: dict, source_dir: Path, cmake_dir: Path, lib_dir: Path) -> list[str]:
+    """CMake configure arguments; the locations in `config` go here (not into the key)."""
+    folders: dict[str, Path | str | None] = {"ssdopt_nms": source_dir, "build": cmake_dir.parent}
+    if config.get("openvino_dir"):
+        folders["openvino"] = Path(config["openvino_dir"]).parent  # <site-packages>/openvino
     args = [
         "-S",
         str(source_dir),
@@ -234,7 +324,12 @@ def cmake_arguments(config: dict, source_dir: Path, cmake_dir: Path, lib_dir: Pa
         f"-DCMAKE_CXX_COMPILER={config['cxx']}",
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_dir}",
         f"-DSSDOPT_NMS_BINDINGS={'ON' if config['bindings'] else 'OFF'}",
+        f"-DCMAKE_CXX_FLAGS={' '.join(prefix_map_flags(folders))}",
     ]
+    if not config["cuda_home"]:
+        # The build rpath would name <venv>/openvino/libs; the extension is loaded into a process that
+        # already has libopenvino (by soname). CUDA builds keep it: the TensorRT plugin links libcudart.
+        args += ["-DCMAKE_SKIP_BUILD_RPATH=ON"]
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]
     if config["cuda_home"]:
@@ -282,10 +377,8 @@ def build_native(
 
     cuda: True requires nvcc, False skips it, None builds it where nvcc is found.
     """
-    cmake = require_tool("cmake", "CMake >= 3.18", "pip install cmake (or apt-get install cmake)")
-    config = native_config(cuda, bindings, build_type)
-    config["cmake_version"] = tool_version([cmake, "--version"])
-    key = content_key(plugin_sources(source_dir), source_dir, config)
+    key, config = native_key(source_dir, cuda, bindings, build_type)
+    cmake = config["cmake"]
     final = build_root / key[:16]
     existing = None if force else read_build(final)
     if existing is not None:
@@ -330,16 +423,26 @@ def torch_config(cuda: bool | None) -> dict:
     if cuda is None and cuda_home is not None and not torch.cuda.is_available():
         cuda_home = None  # no GPU here: the CPU op builds in seconds rather than a minute
     archs = cuda_archs_from_env()
+    compiler = find_cxx_compiler()
     return {
         "kind": "torch",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "cxx": find_cxx_compiler(),
+        "cxx": compiler,
+        "cxx_version": tool_version([compiler, "--version"]),
         "cuda_home": str(cuda_home) if cuda_home else None,
         "cuda_version": nvcc_version(cuda_home) if cuda_home else None,
         "cuda_archs": [f"sm_{a}" for a in archs] + [f"compute_{archs[-1]}"] if cuda_home else [],
         "platform": f"{platform.system()}-{platform.machine()}",
+        "path_independence": PATH_INDEPENDENCE,
     }
+
+
+def torch_key(source_dir: Path = PLUGIN_SOURCE_DIR, cuda: bool | None = None) -> tuple[str, dict]:
+    """(content key, configuration) of the torch op build (build_root/torch-<key[:16]>)."""
+    config = torch_config(cuda)
+    files = plugin_sources(source_dir, ("include", "src", "bindings/torch"))
+    return content_key(files, source_dir, key_fields(config)), config
 
 
 @contextlib.contextmanager
@@ -382,11 +485,9 @@ def build_torch_ops(
     cuda: True requires nvcc, False builds CPU only, None adds CUDA where nvcc and a GPU are found.
     The library is built, not loaded: ssdopt.ops.library loads it after checking its sha256.
     """
-    config = torch_config(cuda)
+    key, config = torch_key(source_dir, cuda)
     with_cuda = config["cuda_home"] is not None
     require_tool("ninja", "ninja (torch.utils.cpp_extension builds with it)", "pip install ninja")
-    files = plugin_sources(source_dir, ("include", "src", "bindings/torch"))
-    key = content_key(files, source_dir, config)
     final = build_root / f"torch-{key[:16]}"
     existing = None if force else read_build(final)
     if existing is not None:
@@ -400,6 +501,16 @@ def build_torch_ops(
         work.mkdir()
         lib_dir.mkdir()
         defines = ["-DSSDOPT_WITH_CUDA"] if with_cuda else []
+        import torch
+
+        prefix_maps = prefix_map_flags(
+            {
+                "ssdopt_nms": source_dir,
+                "torch": Path(torch.__file__).parent,
+                "python": sysconfig.get_paths().get("include"),
+                "build": tmp,
+            }
+        )
         env = {}
         if with_cuda:
             archs = cuda_archs_from_env()
@@ -409,7 +520,7 @@ def build_torch_ops(
             "name": TORCH_EXTENSION_NAME,
             "sources": [str(s) for s in torch_sources(source_dir, with_cuda)],
             "extra_include_paths": [str(source_dir / "include"), str(source_dir / "src")],
-            "extra_cflags": ["-O3", "-ffp-contract=off", *defines],
+            "extra_cflags": ["-O3", "-ffp-contract=off", *defines, *prefix_maps],
             "extra_cuda_cflags": ["-O3", "--fmad=false", "-std=c++17", *defines],
             "build_directory": str(work),
             "with_cuda": with_cuda,

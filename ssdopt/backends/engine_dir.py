@@ -27,6 +27,7 @@ from ssdopt.fileio import sha256_file, sha256_files, write_json
 SCHEMA = "ssdopt-engine-1"
 METADATA = "metadata.json"
 EXPORT_SIDECARS = ("anchors.npy", "export.json")
+PLUGIN_DIR = "plugins"
 
 
 @dataclass
@@ -52,6 +53,101 @@ def plugin_record(model: onnx.ModelProto, spec: BuildSpec) -> dict[str, Any] | N
     if path is None or not Path(path).is_file():
         return {"path": str(path) if path else None, "sha256": None}
     return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def bundle_plugin(tmp: Path, library: Path, **details: Any) -> dict[str, Any]:
+    """Copy `library` to <engine>/plugins/<name>; its metadata record: relative file, name, sha256, bytes.
+
+    The sha256 is of the copy, compared with the source so a library changing under the copy fails here.
+    """
+    library = Path(library)
+    expected = sha256_file(library)
+    target = tmp / PLUGIN_DIR / library.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(library, target)
+    copied = sha256_file(target)
+    if copied != expected:
+        raise SsdoptError(
+            library,
+            f"the same bytes while it was copied (sha256 {expected[:16]}..., copy {copied[:16]}...)",
+            "let the plugin build finish, then rebuild the engine",
+        )
+    return {
+        "file": f"{PLUGIN_DIR}/{library.name}",
+        "name": library.name,
+        "sha256": copied,
+        "bytes": target.stat().st_size,
+        **details,
+    }
+
+
+def engine_plugin(
+    engine_dir: Path, metadata: dict[str, Any], name: str, candidates: tuple[Path, ...] = ()
+) -> Path | None:
+    """The SSDDecodeNMS library recorded in `metadata`, found by content and verified; None if none recorded.
+
+    Looked for, in order: the copy beside the engine (plugin.file, relative to the engine; a copy whose
+    bytes differ is refused, not skipped), `candidates` (e.g. an override variable) and, for engines
+    recorded before the copy existed, their absolute plugin.path, each used only if its sha256 matches;
+    then the build cache (ssdopt.ops.library.cached_library). Nothing here loads the library.
+    """
+    from ssdopt.ops.library import build_root, cached_library
+
+    engine_dir = Path(engine_dir)
+    recorded = metadata.get("plugin") or {}
+    sha256 = recorded.get("sha256")
+    if not sha256:
+        return None
+    name = recorded.get("name") or name
+    relative = recorded.get("file")
+    backend, precision = metadata.get("backend"), metadata.get("precision")
+    rebuild = f"rebuild it: ssdopt build --backend {backend} --precision {precision}"
+    if relative is not None:
+        bundled = _inside(engine_dir, relative)
+        if bundled.is_file():
+            actual = sha256_file(bundled)
+            if actual != sha256:
+                raise SsdoptError(
+                    bundled,
+                    f"sha256 {sha256} as recorded in {engine_dir / METADATA}, found {actual} "
+                    "(the SSDDecodeNMS library beside the engine changed after the build)",
+                    f"copy the engine directory again from where it was built, or {rebuild}",
+                )
+            return bundled
+    legacy = [Path(recorded["path"])] if relative is None and recorded.get("path") else []
+    for candidate in (*candidates, *legacy):
+        if candidate.is_file() and sha256_file(candidate) == sha256:
+            return candidate
+    cached = cached_library(name, sha256)
+    if cached is not None:
+        return cached
+    places = [f"beside it ({relative})"] if relative is not None else []
+    places += [str(p) for p in (*candidates, *legacy)]
+    places.append(f"in the plugin build cache {build_root()}")
+    moved = (
+        "copy the engine directory whole (its plugins/ folder included)"
+        if relative is not None
+        else "this engine was built before engines carried their plugin and loads only where that "
+        "library still is"
+    )
+    raise SsdoptError(
+        engine_dir,
+        f"the SSDDecodeNMS library it was built with, {name} with sha256 {sha256[:16]}..., "
+        f"{' or '.join(places)}",
+        f"{moved}; or {rebuild}",
+    )
+
+
+def _inside(engine_dir: Path, relative: str) -> Path:
+    """engine_dir / relative, refusing a recorded path that is absolute or leaves the engine directory."""
+    path = Path(relative)
+    if path.is_absolute() or ".." in path.parts:
+        raise SsdoptError(
+            engine_dir / METADATA,
+            f"plugin.file relative to the engine directory, got {relative!r}",
+            "rebuild the engine with `ssdopt build`",
+        )
+    return engine_dir / path
 
 
 def check_plugin(engine_dir: Path, metadata: dict[str, Any], current: dict[str, Any] | None) -> None:

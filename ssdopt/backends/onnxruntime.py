@@ -3,10 +3,14 @@
 The saved model holds ORT's fusions (FusedConv, QLinearConv, NCHWc layout nodes) and is specific to
 the CPU ISA it was optimised on (NCHWc block size depends on AVX2 vs AVX-512): the device is
 recorded and checked at load. Loading runs the saved graph as is (further optimisation disabled).
+
+With SSDDecodeNMS the engine carries the C-ABI kernel the custom op calls (plugins/libssdopt_nms_cpu.so,
+relative path + sha256 in metadata.json); loading verifies and loads that copy, so the directory moves.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -28,7 +32,14 @@ from ssdopt.backends.base import (
     outputs_to_result,
 )
 from ssdopt.backends.device import device_info
-from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine, check_plugin
+from ssdopt.backends.engine_dir import (
+    CompileRecord,
+    build_engine_dir,
+    bundle_plugin,
+    check_engine,
+    check_plugin,
+    engine_plugin,
+)
 from ssdopt.backends.graph import has_custom_nms, load_topology
 from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file
@@ -61,8 +72,11 @@ def _session_options(with_nms: bool, threads: int | None) -> Any:
     return options
 
 
+CPU_LIBRARY = "libssdopt_nms_cpu.so"
+
+
 def _nms_plugin() -> dict[str, Any]:
-    """The native kernel behind the ORT custom op, recorded in the engine's metadata."""
+    """The native kernel behind the ORT custom op as built now: path (this machine's), sha256, binding."""
     import onnxruntime_extensions
 
     from ssdopt.ops.library import cpu_library_path
@@ -73,6 +87,27 @@ def _nms_plugin() -> dict[str, Any]:
         "sha256": sha256_file(path),
         "binding": f"onnxruntime-extensions {onnxruntime_extensions.__version__} PyOp (ai.onnx.contrib)",
     }
+
+
+def _bundled_nms_plugin(tmp: Path) -> dict[str, Any]:
+    """Copy the kernel into the engine (plugins/); the metadata record names it relative to the engine."""
+    current = _nms_plugin()
+    return bundle_plugin(tmp, Path(current["path"]), binding=current["binding"])
+
+
+def _use_engine_kernel(engine: Path, meta: dict[str, Any]) -> None:
+    """Load the kernel the engine was built with (verified), before ORT's custom op can load another one.
+
+    An engine whose record holds no sha256 takes the current build, as before engines carried it.
+    """
+    from ssdopt.ops.library import use_cpu_library
+
+    override = os.environ.get("SSDOPT_NMS_CPU_LIBRARY")
+    library = engine_plugin(engine, meta, CPU_LIBRARY, (Path(override),) if override else ())
+    if library is None:
+        check_plugin(engine, meta, _nms_plugin())
+        return
+    use_cpu_library(library, meta["plugin"]["sha256"])
 
 
 class OnnxRuntimeBackend:
@@ -147,7 +182,7 @@ class OnnxRuntimeBackend:
                 "graph_optimization_level": "ORT_ENABLE_ALL at build; loaded with ORT_DISABLE_ALL",
                 "intra_op_num_threads": spec.threads,
             },
-            plugin=_nms_plugin() if with_nms else None,
+            plugin=_bundled_nms_plugin(tmp) if with_nms else None,
         )
 
     def nms_plugin(self) -> dict[str, Any]:
@@ -161,7 +196,7 @@ class OnnxRuntimeBackend:
         device = Engine.open(engine).metadata.get("device", {}).get("kind", "cpu")
         meta = check_engine(engine, self.name, ort.__version__, device_info(device))
         if meta.get("has_decode_nms"):
-            check_plugin(engine, meta, _nms_plugin())
+            _use_engine_kernel(engine, meta)
         options = _session_options(bool(meta.get("has_decode_nms")), meta["spec"].get("threads"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(

@@ -4,10 +4,15 @@ compile settings; it is compiled at load with those settings.
 The inference precision is always set explicitly: on a CPU with avx512_bf16 OpenVINO otherwise runs
 an "fp32" model in bf16. fp32 and int8 -> f32 (int8 comes from the graph's Q/DQ nodes, everything
 else stays f32); bf16 -> bf16 (fp32 graph); fp16 -> f16 (fp16 graph), each only where the CPU lists it.
+
+With SSDDecodeNMS the engine carries its extension library (plugins/libssdopt_nms_openvino.so, recorded
+by relative path and sha256); loading verifies those bytes and adds that file, so the engine directory
+loads from any path, virtual env or machine of the same CPU and OpenVINO version.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,14 @@ from ssdopt.backends.base import (
     outputs_to_result,
 )
 from ssdopt.backends.device import cpu_info
-from ssdopt.backends.engine_dir import CompileRecord, build_engine_dir, check_engine, check_plugin
+from ssdopt.backends.engine_dir import (
+    CompileRecord,
+    build_engine_dir,
+    bundle_plugin,
+    check_engine,
+    check_plugin,
+    engine_plugin,
+)
 from ssdopt.backends.graph import has_custom_nms
 from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file
@@ -38,8 +50,14 @@ PRECISION_HINT = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 CAPABILITY = {"fp32": "FP32", "int8": "INT8", "bf16": "BF16", "fp16": "FP16"}
 
 
-def _core(with_nms: bool) -> tuple[Any, dict[str, Any] | None]:
-    """An ov.Core, with the SSDDecodeNMS extension added when needed; (core, plugin record)."""
+BINDING = "OpenVINO extension (ov::op::Op)"
+
+
+def _core(with_nms: bool, library: Path | None = None) -> tuple[Any, Path | None]:
+    """An ov.Core, with the SSDDecodeNMS extension added when needed; (core, library added).
+
+    `library`: a verified file (an engine's copy); None: the current build (ssdopt.ops.openvino).
+    """
     import openvino as ov
 
     core = ov.Core()
@@ -47,12 +65,7 @@ def _core(with_nms: bool) -> tuple[Any, dict[str, Any] | None]:
         return core, None
     from ssdopt.ops.openvino import add_nms_extension
 
-    path = add_nms_extension(core)
-    return core, {
-        "path": str(path),
-        "sha256": sha256_file(path),
-        "binding": "OpenVINO extension (ov::op::Op)",
-    }
+    return core, add_nms_extension(core, library)
 
 
 def compile_config(precision: str, threads: int | None) -> dict[str, str]:
@@ -113,7 +126,7 @@ class OpenVinoBackend:
     def _compile(self, onnx_path: Path, model: onnx.ModelProto, spec: BuildSpec, tmp: Path) -> CompileRecord:
         import openvino as ov
 
-        core, plugin = _core(has_custom_nms(model))
+        core, library = _core(has_custom_nms(model))
         try:
             ov_model = core.read_model(str(onnx_path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the frontend's message
@@ -130,7 +143,7 @@ class OpenVinoBackend:
             device=cpu_info(),
             hardware_specific=True,
             settings={"device": DEVICE, "compile_config": config},
-            plugin=plugin,
+            plugin=bundle_plugin(tmp, library, binding=BINDING) if library is not None else None,
         )
 
     def _compiled(self, engine: Path) -> tuple[Any, dict[str, Any]]:
@@ -138,13 +151,27 @@ class OpenVinoBackend:
 
         engine = Path(engine)
         meta = check_engine(engine, self.name, ov.__version__, cpu_info())
+        library = None
         if meta.get("has_decode_nms"):  # verify the extension's bytes before it is loaded into this process
-            check_plugin(engine, meta, self.nms_plugin())
-        core, _ = _core(bool(meta.get("has_decode_nms")))
+            library = self._engine_extension(engine, meta)
+        core, _ = _core(bool(meta.get("has_decode_nms")), library)
         return _compile_checked(core, engine / ENGINE_FILES[0], meta["settings"]["compile_config"]), meta
 
+    def _engine_extension(self, engine: Path, meta: dict[str, Any]) -> Path | None:
+        """The extension the engine was built with (its copy, else by sha256); None: the current build.
+
+        An engine whose record holds no sha256 takes the current build, as before engines carried it.
+        """
+        from ssdopt.ops.openvino import EXTENSION_ENV, EXTENSION_NAME
+
+        override = os.environ.get(EXTENSION_ENV)
+        library = engine_plugin(engine, meta, EXTENSION_NAME, (Path(override),) if override else ())
+        if library is None:
+            check_plugin(engine, meta, self.nms_plugin())
+        return library
+
     def nms_plugin(self) -> dict[str, Any]:
-        """The SSDDecodeNMS extension this backend would load now (enters the build key)."""
+        """The SSDDecodeNMS extension this backend would build with now (its sha256 enters the build key)."""
         from ssdopt.ops.openvino import extension_path
 
         path = extension_path()

@@ -71,7 +71,14 @@ from ssdopt.backends.base import (
     check_input_shape,
 )
 from ssdopt.backends.device import cpu_info, cuda_info
-from ssdopt.backends.engine_dir import METADATA, SCHEMA, check_engine, check_plugin
+from ssdopt.backends.engine_dir import (
+    METADATA,
+    SCHEMA,
+    bundle_plugin,
+    check_engine,
+    check_plugin,
+    engine_plugin,
+)
 from ssdopt.data import atomic_output_dir
 from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file, sha256_files, write_json
@@ -143,6 +150,26 @@ def runtime_record() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
     }
+
+
+def bundled_op_library(tmp: Path, plugin: dict[str, Any]) -> dict[str, Any]:
+    """The op library copied into the engine (plugins/), recorded relative to it; as is when unknown."""
+    if not plugin.get("path"):  # registered by someone else in this process: no file to carry
+        return plugin
+    details = {k: v for k, v in plugin.items() if k not in ("path", "sha256")}
+    return bundle_plugin(tmp, Path(plugin["path"]), **details)
+
+
+def use_engine_op_library(engine: Path, meta: dict[str, Any]) -> None:
+    """Register ssdopt::decode_nms from the library the engine was built with (verified first), then
+    check the registered one is those bytes. Without a recorded sha256: the current build, as before."""
+    from ssdopt.ops.library import use_torch_ops
+    from ssdopt.plugin_build import TORCH_EXTENSION_NAME
+
+    library = engine_plugin(engine, meta, f"{TORCH_EXTENSION_NAME}.so")
+    if library is not None:
+        use_torch_ops(library, meta["plugin"]["sha256"])
+    check_plugin(engine, meta, op_library_record())
 
 
 def op_library_record() -> dict[str, Any]:
@@ -306,7 +333,7 @@ class TorchAotiBackend:
                 "calibration": None,
                 "quantization": None,
                 "fp16": None,
-                "plugin": plugin,
+                "plugin": bundled_op_library(tmp, plugin),
                 "spec": spec.key_fields(),
                 "build_key": provenance.get("build_key"),
                 "export_time_s": round(export_s, 3),
@@ -374,7 +401,7 @@ class TorchAotiBackend:
         engine = Path(engine)
         kind = Engine.open(engine).metadata.get("device", {}).get("kind", "cpu")
         meta = check_engine(engine, self.name, torch.__version__, torch_device_info(kind))
-        check_plugin(engine, meta, op_library_record())
+        use_engine_op_library(engine, meta)
         if kind == "cuda":
             runtime = gpu_runtime or (
                 self.options.gpu_runtime if self.options.gpu_runtime != "auto" else None

@@ -4,6 +4,9 @@
   implementation for torch.export / AOTInductor.
 * load_cpu_library(): ctypes handle on libssdopt_nms_cpu.so (C ABI of include/ssdopt_nms_c.h), with
   argument types set; what the ONNX Runtime binding calls.
+* use_cpu_library() / use_torch_ops(): the same, from a given (verified) file, e.g. the copy an engine
+  carries; a process holds one of each, so a second engine must name the same bytes.
+* cached_library(): a library of the content-addressed build cache, found by name and sha256.
 Environment: SSDOPT_BUILD_DIR moves build/plugins; SSDOPT_NMS_CUDA=0/1 forces the torch op's CUDA part
 off/on; SSDOPT_NMS_CPU_LIBRARY points at a prebuilt libssdopt_nms_cpu.so (its build.json, if any, is
 checked).
@@ -22,8 +25,9 @@ from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file
 
 _lock = threading.Lock()
-_cpu_library: ctypes.CDLL | None = None
+_cpu_library: ctypes.CDLL | None = None  # carries the sha256 of its file as ._ssdopt_sha256
 _torch_library_path: Path | None = None
+_torch_library_sha256: str | None = None
 
 
 class SsdoptNmsParams(ctypes.Structure):
@@ -94,6 +98,39 @@ def recorded_sha256(library: Path) -> str | None:
         ) from exc
 
 
+def cached_library(name: str, sha256: str, root: Path | None = None) -> Path | None:
+    """The library `name` with bytes of `sha256` in the build cache (build_root()/*/lib/), or None.
+
+    Found by content, not by path: any build folder whose build.json records that sha256 and whose file
+    still hashes to it. Unreadable records are skipped (they cannot vouch for anything).
+    """
+    root = root or build_root()
+    if not root.is_dir():
+        return None
+    for record_path in sorted(root.glob("*/build.json")):
+        try:
+            entry = json.loads(record_path.read_text()).get("libraries", {}).get(name) or {}
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if not isinstance(entry, dict) or entry.get("sha256") != sha256:
+            continue
+        path = record_path.parent / "lib" / name
+        if path.is_file() and sha256_file(path) == sha256:
+            return path
+    return None
+
+
+def _another_library(
+    kind: str, loaded: Path | None, loaded_sha: str | None, wanted: Path, sha: str
+) -> SsdoptError:
+    return SsdoptError(
+        wanted,
+        f"the {kind} this process already loaded ({loaded}, sha256 {str(loaded_sha)[:16]}...) to be the "
+        f"same bytes, found sha256 {sha[:16]}... (one process holds one {kind})",
+        "load engines built with different SSDDecodeNMS libraries in separate processes, or rebuild them",
+    )
+
+
 def torch_op_registered() -> bool:
     import torch
 
@@ -106,7 +143,7 @@ def torch_op_registered() -> bool:
 
 def load_torch_ops() -> Path | None:
     """Make torch.ops.ssdopt.decode_nms available; returns the library loaded (None if already there)."""
-    global _torch_library_path
+    global _torch_library_path, _torch_library_sha256
     import torch
 
     with _lock:
@@ -114,10 +151,34 @@ def load_torch_ops() -> Path | None:
             return _torch_library_path
         build = plugin_build.build_torch_ops(build_root=build_root(), cuda=cuda_choice())
         name = f"{plugin_build.TORCH_EXTENSION_NAME}.so"
-        path = verified_library(build.library(name), build.record["libraries"][name]["sha256"])
+        sha256 = build.record["libraries"][name]["sha256"]
+        path = verified_library(build.library(name), sha256)
         torch.ops.load_library(str(path))
         register_fake_decode_nms()
-        _torch_library_path = path
+        _torch_library_path, _torch_library_sha256 = path, sha256
+        return path
+
+
+def use_torch_ops(path: Path, sha256: str) -> Path:
+    """Register ssdopt::decode_nms from `path` (checked against `sha256` first); returns the library in use.
+
+    When the op is already registered from a library of the same sha256 that one stays; another sha256
+    is refused (torch cannot replace a TORCH_LIBRARY namespace within a process).
+    """
+    global _torch_library_path, _torch_library_sha256
+    import torch
+
+    with _lock:
+        if torch_op_registered():
+            if _torch_library_sha256 not in (None, sha256):
+                raise _another_library(
+                    "ssdopt torch op library", _torch_library_path, _torch_library_sha256, path, sha256
+                )
+            return _torch_library_path or path
+        verified_library(path, sha256)
+        torch.ops.load_library(str(path))
+        register_fake_decode_nms()
+        _torch_library_path, _torch_library_sha256 = path, sha256
         return path
 
 
@@ -169,47 +230,68 @@ def native_cpu_library(name: str) -> Path:
     return verified_library(build.library(name), build.record["libraries"][name]["sha256"])
 
 
+def use_cpu_library(path: Path, sha256: str) -> ctypes.CDLL:
+    """The C-ABI CPU kernel from `path` (checked against `sha256` before it is loaded), e.g. an engine's copy.
+
+    An already loaded kernel with the same sha256 is kept; another one is refused (the process has one).
+    """
+    with _lock:
+        if _cpu_library is not None:
+            loaded_sha = getattr(_cpu_library, "_ssdopt_sha256", None)
+            if loaded_sha != sha256:
+                loaded = Path(_cpu_library._name)
+                raise _another_library("SSDDecodeNMS CPU library", loaded, loaded_sha, path, sha256)
+            return _cpu_library
+        return _open_cpu_library(verified_library(path, sha256))
+
+
 def load_cpu_library() -> ctypes.CDLL:
     """The C-ABI CPU kernel through ctypes, argument types declared, ABI version checked."""
-    global _cpu_library
     with _lock:
         if _cpu_library is not None:
             return _cpu_library
-        path = cpu_library_path()
-        rebuild = "point SSDOPT_NMS_CPU_LIBRARY at a library built by `ssdopt plugin build`, or unset it"
-        try:
-            lib = ctypes.CDLL(str(path))
-            version = lib.ssdopt_nms_abi_version
-        except (OSError, AttributeError) as exc:  # not a shared library / not the SSDDecodeNMS one
-            raise SsdoptError(
-                path, f"the SSDDecodeNMS CPU library with C ABI version {C_ABI_VERSION} ({exc})", rebuild
-            ) from exc
-        version.restype = ctypes.c_int
-        version.argtypes = []
-        found = version()
-        if found != C_ABI_VERSION:
-            raise SsdoptError(path, f"C ABI version {C_ABI_VERSION}, found {found}", rebuild)
-        lib.ssdopt_nms_params_default.restype = None
-        lib.ssdopt_nms_params_default.argtypes = [ctypes.POINTER(SsdoptNmsParams)]
-        lib.ssdopt_nms_last_error.restype = ctypes.c_char_p
-        lib.ssdopt_nms_last_error.argtypes = []
-        lib.ssdopt_nms_decode_cpu.restype = ctypes.c_int
-        lib.ssdopt_nms_decode_cpu.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.POINTER(SsdoptNmsParams),
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        _cpu_library = lib
-        return lib
+        return _open_cpu_library(cpu_library_path())
+
+
+def _open_cpu_library(path: Path) -> ctypes.CDLL:
+    """ctypes.CDLL of a verified `path`, ABI checked, kept as the process's kernel (caller holds _lock)."""
+    global _cpu_library
+    sha256 = sha256_file(path)
+    rebuild = "point SSDOPT_NMS_CPU_LIBRARY at a library built by `ssdopt plugin build`, or unset it"
+    try:
+        lib = ctypes.CDLL(str(path))
+        version = lib.ssdopt_nms_abi_version
+    except (OSError, AttributeError) as exc:  # not a shared library / not the SSDDecodeNMS one
+        raise SsdoptError(
+            path, f"the SSDDecodeNMS CPU library with C ABI version {C_ABI_VERSION} ({exc})", rebuild
+        ) from exc
+    version.restype = ctypes.c_int
+    version.argtypes = []
+    found = version()
+    if found != C_ABI_VERSION:
+        raise SsdoptError(path, f"C ABI version {C_ABI_VERSION}, found {found}", rebuild)
+    lib.ssdopt_nms_params_default.restype = None
+    lib.ssdopt_nms_params_default.argtypes = [ctypes.POINTER(SsdoptNmsParams)]
+    lib.ssdopt_nms_last_error.restype = ctypes.c_char_p
+    lib.ssdopt_nms_last_error.argtypes = []
+    lib.ssdopt_nms_decode_cpu.restype = ctypes.c_int
+    lib.ssdopt_nms_decode_cpu.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(SsdoptNmsParams),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    lib._ssdopt_sha256 = sha256  # what use_cpu_library compares an engine's library with
+    _cpu_library = lib
+    return lib
 
 
 def make_c_params(**attributes: object) -> SsdoptNmsParams:

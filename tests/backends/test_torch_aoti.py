@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -174,7 +175,8 @@ def test_metadata_records_torch_device_precision_and_hashes(fp32_engine, model) 
     assert meta["settings"]["dynamic_batch"] == [1, MAX_BATCH]
     assert meta["input"]["shape"] == ["batch", 3, IMAGE_SIZE, IMAGE_SIZE]
     plugin = meta["plugin"]
-    assert plugin["sha256"] == sha256_file(plugin["path"])
+    assert plugin["file"] == "plugins/ssdopt_nms_torch.so" and "path" not in plugin  # relative: it moves
+    assert plugin["sha256"] == sha256_file(fp32_engine.path / plugin["file"])
     files = [fp32_engine.path / name for name in meta["engine"]["files"]]
     assert meta["engine"]["sha256"] == sha256_files(files)
     assert meta["weights_sha256"] == meta["source"]["weights_sha256"] and len(meta["weights_sha256"]) == 64
@@ -258,6 +260,52 @@ def test_load_probe_reports_failures_and_signals_without_crashing(tmp_path, monk
     monkeypatch.setattr(aoti_package.subprocess, "run", segfault)
     result = aoti_package.probe_aoti_load(broken, IMAGE_SIZE, device="cuda")
     assert (result["ok"], result["signal"], result["last_stage"]) == (False, "SIGSEGV", "run")
+
+
+def test_moved_engine_loads_its_own_op_library_in_a_fresh_process(fp32_engine, backend, tmp_path) -> None:
+    """The engine copied elsewhere, the plugin build cache empty: the op comes from plugins/ beside it."""
+    images = fresh_images(2, seed=11)
+    want = backend.load(fp32_engine.path).infer(images)
+    moved = tmp_path / "another" / "place" / "engine"
+    shutil.copytree(fp32_engine.path, moved)
+    (tmp_path / "empty-cache").mkdir()
+    np.save(tmp_path / "images.npy", images.numpy())
+    script = (
+        "import sys\nimport numpy as np\nfrom ssdopt import plugin_build\n"
+        "def no_build(*a, **k):\n    raise SystemExit('loading tried to build the op library')\n"
+        "plugin_build.build_torch_ops = plugin_build.build_native = no_build\n"
+        "from ssdopt.backends.torch_aoti import TorchAotiBackend\n"
+        "got = TorchAotiBackend().load(sys.argv[1]).infer(np.load(sys.argv[2]))\n"
+        "np.savez(sys.argv[3], boxes=got.boxes, scores=got.scores, labels=got.labels,\n"
+        "         num=got.num_detections)\n"
+    )
+    env = {**os.environ, "SSDOPT_BUILD_DIR": str(tmp_path / "empty-cache")}
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(moved), str(tmp_path / "images.npy"), str(tmp_path / "got.npz")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert list((tmp_path / "empty-cache").iterdir()) == []
+    got = np.load(tmp_path / "got.npz")
+    np.testing.assert_array_equal(got["num"], want.num_detections)
+    np.testing.assert_array_equal(got["labels"], want.labels)
+    np.testing.assert_allclose(got["boxes"], want.boxes, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["scores"], want.scores, rtol=0, atol=1e-6)
+
+
+def test_tampered_op_library_copy_is_refused(fp32_engine, backend, tmp_path) -> None:
+    copy = tmp_path / "engine"
+    shutil.copytree(fp32_engine.path, copy)
+    library = copy / "plugins" / "ssdopt_nms_torch.so"
+    library.write_bytes(library.read_bytes() + b"\0")
+    with pytest.raises(SsdoptError, match="changed after the build") as info:
+        backend.load(copy)
+    assert info.value.what == str(library) and "ssdopt build" in info.value.fix
 
 
 def test_tampered_engine_files_are_refused(fp32_engine, backend, tmp_path) -> None:
