@@ -199,8 +199,39 @@ def optimize(
     )
     create_table_artifact(key="optimize-engines", table=format_rows(rows), description="Engines of this run")
     logger.info("\n%s%s", table, link)
+    _write_html_report(rows, s, target)
     _write_report(Path(s["reports"]) / "optimize.md", f"{table}{link}\n")
     return {"rows": rows, "decision": decision, "registered_model": registered}
+
+
+def _write_html_report(rows: list[dict[str, Any]], s: dict[str, Any], target: str) -> None:
+    """reports/index.html (+ bench.json/.md, pareto.png) of this run, the page `ssdopt report` renders."""
+    import datetime
+    import platform
+
+    from ssdopt.backends.device import cpu_info
+    from ssdopt.evaluate.bench_output import write_bench_outputs
+    from ssdopt.evaluate.report import write_report
+    from ssdopt.evaluate.report_table import STATUS, STATUS_WORDS, bench_rows
+
+    context = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_info(), "platform": platform.platform()},
+        "command": "make run (Prefect flow optimize)",
+        "model": f"{s['model_name']} ({s['onnx']}), target {target}",
+        "dataset": s["dataset"],
+        "images": s["limit"],
+        "batch": 1,
+        "plan": s["timing"],
+        "budget_points": s["budget"],
+        "min_agreement": s["min_agreement"],
+        "speedup_baseline": " ".join(s["reference"].values()),
+        "legend": {STATUS[k]: v for k, v in STATUS_WORDS.items() if k != "built"}
+        | {"❔": STATUS_WORDS["built"]},
+    }
+    reports = Path(s["reports"])
+    write_bench_outputs(bench_rows(rows, "fused SSDDecodeNMS"), reports, context)
+    write_report(reports)
 
 
 def _offline_prefect() -> AbstractContextManager[Any]:

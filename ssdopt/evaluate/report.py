@@ -147,7 +147,15 @@ def engine_section(row: dict[str, Any]) -> str:
 
 def render(rows: list[dict[str, Any]], context: dict[str, Any], reports: Path) -> str:
     machine = context.get("machine", {}).get("cpu", {}).get("name")
-    table = _table([t for _, t in COLUMNS], [[cell(r, k) for k, _ in COLUMNS] for r in rows], "bench")
+    # the status in words beside its mark: a browser without an emoji font shows the mark as a box
+    shown = [
+        [
+            f"{cell(r, k)} {r.get('status_name', '')}".strip() if k == "status" else cell(r, k)
+            for k, _ in COLUMNS
+        ]
+        for r in rows
+    ]
+    table = _table([t for _, t in COLUMNS], shown, "bench")
     engines = "".join(engine_section(r) for r in rows if r.get("engine") and Path(r["engine"]).is_dir())
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>ssdopt report</title>"

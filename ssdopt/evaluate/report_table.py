@@ -51,3 +51,28 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for shown in format_rows(rows):
         lines.append("| " + " | ".join(shown[t].replace("|", "/") for t in titles) + " |")
     return "\n".join(lines)
+
+
+STATUS_WORDS = {
+    "validated": "built and validated",
+    "invalid": "built but failed validation",
+    "failed": "failed to build",
+    "built": "built, not validated (no fp32 reference)",
+}
+
+
+def bench_rows(rows: list[dict[str, Any]], graph: str) -> list[dict[str, Any]]:
+    """Rows of this table in the form of `ssdopt bench`'s (bench.json), so one report renders both."""
+    return [
+        {
+            **{key: row.get(key) for key, _, _ in COLUMNS},
+            "graph": graph,
+            "device": row.get("device"),
+            "batch": row.get("batch"),
+            "status": STATUS.get(str(row.get("status")), "?"),
+            "status_name": STATUS_WORDS.get(str(row.get("status")), str(row.get("status"))),
+            "reason": row.get("reason", ""),
+            "engine": row.get("engine"),
+        }
+        for row in rows
+    ]

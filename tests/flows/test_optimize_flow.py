@@ -41,6 +41,7 @@ def tiny_project(tmp_path: Path, tiny_export, monkeypatch: pytest.MonkeyPatch) -
             "experiment": "test",
             "model_name": "tiny",
             "mlflow_root": str(tmp_path / "mlflow"),
+            "reports": str(tmp_path / "reports"),
             "dvc_stages": [],
         },
     }
@@ -68,6 +69,14 @@ def test_optimize_builds_logs_and_promotes(tiny_project: Path, prefect_harness) 
     assert ov["status"] == "validated" and abs(ov["delta_map"]) <= 1.0
     for row in (ort, ov):
         assert row["p99_ms"] >= row["p50_ms"] > 0 and row["version"] in {"1", "2"}
+
+    # the run's report page: every engine's row with its status in words (no emoji font needed)
+    reports = tiny_project.parent / "reports"
+    page = (reports / "index.html").read_text()
+    assert "built and validated" in page and "failed to build" in page and "tensorrt" in page
+    bench = json.loads((reports / "bench.json").read_text())
+    assert [(r["backend"], r["status"]) for r in bench][-1] == ("tensorrt", "❌")
+    assert (reports / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
     decision = result["decision"]
     champion = min((ort, ov), key=lambda r: r["p99_ms"])
