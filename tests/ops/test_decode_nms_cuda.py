@@ -119,3 +119,65 @@ def test_cuda_is_deterministic_and_capturable_in_a_graph():
     expected = decode_nms(new_deltas, new_logits, anchors)
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(captured, expected, strict=True))
+
+
+# The fast path (class_kernel + final_kernel) processes only each class's best `quota` candidates when
+# there are many classes, then checks that nothing skipped could reach the output and redoes a class in
+# full when it could. These cases make that check fail and compare with the CPU kernel.
+def test_cuda_quota_check_redoes_a_dominant_class():
+    deltas, logits, anchors = random_head_outputs(2, 3234, 91, seed=66)
+    deltas[:, :400] = 0.0
+    anchors[:100] = torch.tensor([50.0, 50.0, 150.0, 150.0])  # one box, 100 times: NMS keeps one
+    i = torch.arange(300, dtype=torch.float32)
+    x, y = (i % 20) * 16.0, torch.div(i, 20, rounding_mode="floor") * 16.0
+    anchors[100:400] = torch.stack([x, y, x + 10.0, y + 10.0], dim=1)  # 300 disjoint boxes
+    logits[:, :400] = -10.0
+    logits[:, :400, 1] = 12.0  # class 1 scores 1.0 on anchors 0..399: ties, ranked by anchor
+    got, cpu = run_cuda_and_cpu(deltas, logits, anchors)
+    assert compare_detections(got, cpu) == []
+    # Within the first quota of class 1 only one box survives; the output holds 200 of class 1.
+    assert int((got[3][0] == 1).sum()) == 200
+
+
+@pytest.mark.parametrize(
+    ("batch", "num_anchors", "num_classes", "seed", "quota", "attrs"),
+    [
+        (2, 3234, 91, 67, "3", {}),
+        (3, 3234, 11, 68, "7", {"score_threshold": 0.0, "max_detections": 300}),
+        (4, 500, 21, 69, "1", {"iou_threshold": 0.3}),
+        (8, 3234, 91, 70, "2", {}),  # B * C > 512: the 256-thread kernels
+    ],
+)
+def test_cuda_small_quota_matches_cpu_kernel(
+    monkeypatch, batch, num_anchors, num_classes, seed, quota, attrs
+):  # noqa: ANN001
+    monkeypatch.setenv("SSDOPT_NMS_CUDA_QUOTA", quota)
+    deltas, logits, anchors = random_head_outputs(batch, num_anchors, num_classes, seed)
+    got, cpu = run_cuda_and_cpu(deltas, logits, anchors, **attrs)
+    assert compare_detections(got, cpu, attrs) == []
+
+
+def test_cuda_reference_model_head_outputs_match_cpu_kernel():
+    from pathlib import Path
+
+    checkpoint = Path(__file__).resolve().parents[2] / "data" / "reference" / "ssdlite320_shapes.safetensors"
+    if not checkpoint.is_file():
+        pytest.skip("reference checkpoint not present")
+    import numpy as np
+    from torchvision.models.detection.image_list import ImageList
+
+    from ssdopt.data.synthetic import generate_image
+    from ssdopt.models.zoo import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(np.stack([generate_image(rng, 320)[0] for _ in range(3)]))
+    images = images.permute(0, 3, 1, 2).float().div(255)
+    with torch.no_grad():
+        x = torch.stack([model.transform.normalize(i) for i in images])
+        features = list(model.backbone(x).values())
+        head = model.head(features)
+        anchors = model.anchor_generator(ImageList(x, [(320, 320)] * 3), features)[0]
+    got, cpu = run_cuda_and_cpu(head["bbox_regression"], head["cls_logits"], anchors)
+    assert compare_detections(got, cpu) == []
+    assert int(got[0].sum()) > 0

@@ -5,9 +5,31 @@
 // (shape, params). Candidates are 64-bit keys, unique within an image: score bits above the inverted
 // (class, anchor), so "key descending" is "score descending, then class and anchor ascending" -- the
 // CPU kernel's order -- and the (class, anchor) is recovered from the key.
-//   1. score_kernel      softmax/sigmoid per anchor (logits staged in shared memory), threshold, and
-//                        compaction into per-(image, class) lists: one warp ballot + one atomicAdd per
-//                        (warp, class).
+//   1. score_kernel      one block per 32 anchors (lane = anchor) x 4 warps sharing the classes:
+//                        softmax/sigmoid (logits staged in shared memory; the softmax sum is one
+//                        sequential pass in class order), threshold, compaction into per-(image, class)
+//                        lists. Each class's ballot is kept in shared memory; then one thread per class
+//                        issues that class's atomicAdd (all classes in flight at once) and the warps
+//                        write. Also records each class's range of score bits (atomicMax), which lets
+//                        the radix select below start at the first bit where a class's keys differ.
+// Fast path (class-wise, pre_nms_top_k <= 512, max_detections <= 1024), two more kernels:
+//   2. class_kernel      one block per (image, class), 1024 threads when B * C <= 512, else 256: the
+//                        class's best p keys (radix select over the candidate list, 8-bit digits with a
+//                        block scan; then a counting sort when <= 256 keys remain, else cub's block radix
+//                        sort), decode, greedy NMS in 64-candidate chunks (IoU bitmask of the chunk's rows
+//                        still open, one lane resolving, the chunk's kept boxes suppressing later
+//                        candidates with one warp per kept box), at most max_detections kept, appended
+//                        to the image's list. p = min(count, pre_nms_top_k, quota), quota = max(64,
+//                        2560 / object classes): a class may stop short of its top-k; it then records
+//                        its last processed key. The last block of an image to finish (fence + counter)
+//                        selects the best K kept keys and checks the quota: every class that stopped
+//                        short must have stopped at or below the K-th kept key (greedy NMS of a prefix is
+//                        the prefix of the full NMS, so nothing it skipped can reach the output); fewer
+//                        than K kept counts as failed. If no class failed it writes the outputs.
+//   3. redo_kernel       only for images whose check failed (otherwise every block exits at once): the
+//                        failing classes in full, up to 32 blocks of 1024 threads per image, adding their
+//                        further kept keys; the image's last block selects again and writes the outputs.
+// General path (class-agnostic, larger top-k or K):
 //   2. segmented top-k   tile_sort_kernel: cub::BlockRadixSort of each 2048-key tile of a segment, on the
 //                        key bits in use only; tile_merge_kernel (segments longer than a tile): a key's
 //                        rank = its position in its tile + the larger keys of the other tiles, counted by
@@ -19,6 +41,7 @@
 //                        a 64x64 IoU bitmask resolved by one lane, then the chunk's kept boxes suppress
 //                        later candidates in parallel -- stopping at max_detections kept.
 //   4. output_kernel     decode the K winners, pad the rest, write num_detections.
+// SSDOPT_NMS_CUDA_PATH=general forces the general path; SSDOPT_NMS_CUDA_QUOTA=<n> sets the quota (tests).
 // Box arithmetic is box_math.h, shared with the CPU kernel; compile with --fmad=false.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include "../common/box_math.h"
 #include "ssdopt_nms.h"
@@ -41,12 +65,45 @@ constexpr int kNmsThreads = 256;
 constexpr int kNmsChunk = 64;
 constexpr int kNmsSmemBoxes = 1024;  // segments up to this many candidates keep boxes in shared memory
 constexpr int kScoreMaxSmemBytes = 48 * 1024;
+constexpr int kScoreClassChunk = 128;  // classes whose ballots a score block aggregates at once
+constexpr int kScoreAnchors = 32;      // anchors per score block: one per lane
+constexpr int kScoreGroups = 4;        // warps per score block; warp g handles the classes c = g (mod 4)
 constexpr size_t kAlign = 256;
+// Fast path (class_kernel + final_kernel).
+constexpr int kFastMaxTopK = 512;          // pre_nms_top_k (per class) it handles
+constexpr int kFastMaxDetections = 1024;   // max_detections it handles
+constexpr int kFastSortCap = 1024;         // keys a block sorts in shared memory (>= both of the above)
+constexpr int kQuotaTotal = 2560;          // candidates per image processed before the exactness check
+constexpr int kMinQuota = 64;
+constexpr int kFastWideSegments = 512;     // B * C up to this: 1024-thread blocks
 
 __host__ __device__ inline int bits_for(int64_t n) {  // bits to hold values 0..n-1 (at least 1)
   int bits = 1;
   while ((int64_t{1} << bits) < n) ++bits;
   return bits;
+}
+
+// SSDOPT_NMS_CUDA_PATH=general: always the general path (read once).
+bool fast_path_allowed() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("SSDOPT_NMS_CUDA_PATH");
+    return value == nullptr || std::strcmp(value, "general") != 0;
+  }();
+  return allowed;
+}
+
+// SSDOPT_NMS_CUDA_QUOTA=<n> overrides the per-class quota of the fast path (read on every call, so a
+// test can force the exactness check to fail and the final kernel to redo classes).
+int quota_override() {
+  const char* value = std::getenv("SSDOPT_NMS_CUDA_QUOTA");
+  if (value == nullptr || value[0] == '\0') return 0;
+  const long q = std::strtol(value, nullptr, 10);
+  return q > 0 ? static_cast<int>(std::min<long>(q, 1 << 30)) : 0;
+}
+
+size_t score_smem_bytes(bool staged, int C) {  // dynamic: staged logits + per-class ballot, range, base
+  const int chunk = std::min(C, kScoreClassChunk);
+  return (staged ? static_cast<size_t>(kScoreAnchors) * C * sizeof(float) : 0) + static_cast<size_t>(chunk) * 16;
 }
 
 // Geometry of keys and buffers, computed identically by the workspace query and the launch.
@@ -57,9 +114,12 @@ struct Plan {
   int kept_capacity;     // kept detections per image: segments * min(nms_capacity, max_detections)
   int anchor_bits, class_bits, score_bits;
   uint32_t score_base;
-  int anchors_per_score_block;  // 0: the score kernel reads logits straight from global memory
+  bool staged_scores;    // false: the score kernel reads logits straight from global memory
+  bool fast;             // class_kernel + final_kernel
+  int quota;             // fast path: candidates per class processed before the exactness check
   size_t off_counts, off_merged_counts, off_kept_counts, off_candidates, off_topk, off_gathered, off_merged;
-  size_t off_kept, off_final, off_nms_boxes, off_nms_areas, off_nms_flags, off_nms_kept, total;
+  size_t off_kept, off_final, off_nms_boxes, off_nms_areas, off_nms_flags, off_nms_kept, off_last, total;
+  size_t off_score_max, off_score_min_inv, off_done, off_done_redo, off_fail_list, off_fail_count;
 };
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -83,13 +143,13 @@ Plan make_plan(const Shape& shape, const Params& params) {
   std::memcpy(&threshold_bits, &params.score_threshold, sizeof(threshold_bits));
   p.score_base = params.score_threshold > 0.f ? std::min(threshold_bits, kOneBits) : 0u;
   p.score_bits = bits_for(static_cast<int64_t>(kOneBits - p.score_base) + 1);
-  p.anchors_per_score_block = 0;
-  for (int anchors : {128, 64, 32}) {
-    if (static_cast<size_t>(anchors) * p.C * sizeof(float) <= kScoreMaxSmemBytes) {
-      p.anchors_per_score_block = anchors;
-      break;
-    }
-  }
+  p.staged_scores = score_smem_bytes(true, p.C) + 2048 <= kScoreMaxSmemBytes;  // + the static arrays
+  p.fast = fast_path_allowed() && !params.class_agnostic && p.top_k <= kFastMaxTopK &&
+           params.max_detections <= kFastMaxDetections;
+  const int object_classes = std::max(1, p.C - (params.background_class >= 0 ? 1 : 0));
+  // quota = max(64, 2560 / object classes): 256 for C = 11 (ssdlite-shapes), 64 for C = 91.
+  p.quota = std::max(kMinQuota, ceil_div(kQuotaTotal, object_classes));
+  if (const int q = quota_override()) p.quota = q;
   const size_t B = p.B, segments = B * p.C;
   size_t offset = 0;
   auto take = [&](size_t bytes) {
@@ -97,22 +157,30 @@ Plan make_plan(const Shape& shape, const Params& params) {
     offset = align_up(offset + bytes);
     return at;
   };
-  // The three counter arrays come first and are cleared by one memset.
+  // The counter arrays come first and are cleared by one memset (everything before off_candidates).
   p.off_counts = take(segments * sizeof(int));
   p.off_merged_counts = take(B * sizeof(int));
   p.off_kept_counts = take(B * sizeof(int));
+  p.off_score_max = take(segments * sizeof(unsigned));
+  p.off_score_min_inv = take(segments * sizeof(unsigned));
+  p.off_done = take(B * sizeof(int));
+  p.off_done_redo = take(B * sizeof(int));
   p.off_candidates = take(segments * p.A * sizeof(uint64_t));
-  p.off_topk = take(segments * p.top_k * sizeof(uint64_t));
+  p.off_topk = take(p.fast ? 0 : segments * p.top_k * sizeof(uint64_t));
   const size_t merged = params.class_agnostic ? B * p.nms_capacity * sizeof(uint64_t) : 0;
   p.off_gathered = take(merged);
   p.off_merged = take(merged);
   p.off_kept = take(B * p.kept_capacity * sizeof(uint64_t));
-  p.off_final = take(B * params.max_detections * sizeof(uint64_t));
-  const size_t nms_scratch = p.nms_capacity > kNmsSmemBoxes ? B * segments_per_image * p.nms_capacity : 0;
+  p.off_final = take(p.fast ? 0 : B * params.max_detections * sizeof(uint64_t));
+  const size_t nms_scratch =
+      !p.fast && p.nms_capacity > kNmsSmemBoxes ? B * segments_per_image * p.nms_capacity : 0;
   p.off_nms_boxes = take(nms_scratch * sizeof(Box));
   p.off_nms_areas = take(nms_scratch * sizeof(float));
   p.off_nms_flags = take(nms_scratch * sizeof(unsigned int));
   p.off_nms_kept = take(nms_scratch * sizeof(int));
+  p.off_last = take(p.fast ? segments * sizeof(uint64_t) : 0);
+  p.off_fail_list = take(p.fast ? segments * sizeof(int) : 0);
+  p.off_fail_count = take(p.fast ? B * sizeof(int) : 0);
   p.total = offset;
   return p;
 }
@@ -180,71 +248,147 @@ struct ScoreArgs {
   KeyCodec codec;
   uint64_t* candidates;  // [B, C, A]
   int* counts;           // [B, C]
+  unsigned* score_max;   // [B, C] largest (score bits - base) of a class's candidates (0 before)
+  unsigned* score_min_inv;  // [B, C] ~smallest (0 before)
 };
 
+__device__ __forceinline__ unsigned warp_max(unsigned v) {  // all 32 lanes
+#if __CUDA_ARCH__ >= 800
+  return __reduce_max_sync(0xffffffffu, v);
+#else
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+#endif
+}
+
+constexpr int kStageUnroll = 8;  // global loads a thread has in flight while staging logits
+
+// One block per 32 anchors (lane = anchor) and image; its 4 warps share the classes, so a thread walks
+// C / 4 of them. The softmax sum stays one sequential pass in class order (warp 0), so every score is
+// bit-identical to a single thread's computation.
 template <typename T, bool kStaged>
-__global__ void score_kernel(const T* __restrict__ logits, ScoreArgs args) {
-  extern __shared__ float staged[];
+__global__ void __launch_bounds__(kScoreAnchors * kScoreGroups) score_kernel(const T* __restrict__ logits,
+                                                                            ScoreArgs args) {
+  extern __shared__ float smem[];
+  __shared__ float part_max[kScoreGroups][kScoreAnchors], inv_sums[kScoreAnchors];
+  __shared__ int part_nan[kScoreGroups][kScoreAnchors], valids[kScoreAnchors];
   const int image = blockIdx.y;
-  const int first = blockIdx.x * blockDim.x;
-  const int anchor = first + threadIdx.x;
+  const int first = blockIdx.x * kScoreAnchors;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int anchor = first + lane;
   const int C = args.C;
   const bool active = anchor < args.A;
   const T* block_logits = logits + (static_cast<size_t>(image) * args.A + first) * C;
-  if (kStaged) {  // coalesced copy of this block's rows
-    const int rows = min(static_cast<int>(blockDim.x), args.A - first);
-    for (int i = threadIdx.x; i < rows * C; i += blockDim.x) staged[i] = to_float(block_logits[i]);
+  float* staged = smem;  // [32][C] when kStaged
+  // After the staged rows: per-class ballot, score range and base offset of the current chunk.
+  const int chunk = min(C, kScoreClassChunk);
+  unsigned* ballots = reinterpret_cast<unsigned*>(smem + (kStaged ? kScoreAnchors * C : 0));
+  unsigned* class_hi = ballots + chunk;
+  unsigned* class_lo_inv = class_hi + chunk;
+  int* class_base = reinterpret_cast<int*>(class_lo_inv + chunk);
+  if (kStaged) {  // coalesced copy of this block's rows, kStageUnroll loads in flight per thread
+    const int total = min(kScoreAnchors, args.A - first) * C;
+    const int step = blockDim.x;
+    int i = threadIdx.x;
+    for (; i + (kStageUnroll - 1) * step < total; i += kStageUnroll * step) {
+      float v[kStageUnroll];
+#pragma unroll
+      for (int j = 0; j < kStageUnroll; ++j) v[j] = to_float(block_logits[i + j * step]);
+#pragma unroll
+      for (int j = 0; j < kStageUnroll; ++j) staged[i + j * step] = v[j];
+    }
+    for (; i < total; i += step) staged[i] = to_float(block_logits[i]);
     __syncthreads();
   }
   auto logit = [&](int c) -> float {
-    if (kStaged) return staged[threadIdx.x * C + c];
-    return to_float(block_logits[static_cast<size_t>(threadIdx.x) * C + c]);
+    if (kStaged) return staged[lane * C + c];
+    return to_float(block_logits[static_cast<size_t>(lane) * C + c]);
   };
   // Softmax normaliser; an anchor with NaN, +inf or only -inf logits has NaN scores: no candidate.
-  bool valid = active;
   float max_logit = -INFINITY, inv_sum = 1.f;
-  if (active && args.softmax) {
+  bool valid = active;
+  if (args.softmax) {
     bool has_nan = false;
-    for (int c = 0; c < C; ++c) {
-      const float x = logit(c);
-      has_nan |= (x != x);
+    if (active) {
+      for (int c = warp; c < C; c += kScoreGroups) {
+        const float x = logit(c);
+        has_nan |= (x != x);
+        max_logit = x > max_logit ? x : max_logit;
+      }
+    }
+    part_max[warp][lane] = max_logit;
+    part_nan[warp][lane] = has_nan;
+    __syncthreads();
+    for (int g = 0; g < kScoreGroups; ++g) {
+      const float x = part_max[g][lane];
       max_logit = x > max_logit ? x : max_logit;
+      has_nan |= part_nan[g][lane] != 0;
     }
-    valid = !has_nan && !isinf(max_logit);
-    if (valid) {
-      float sum = 0.f;
-      for (int c = 0; c < C; ++c) {
-        const float e = expf(logit(c) - max_logit);
-        if (kStaged) staged[threadIdx.x * C + c] = e;
-        sum += e;
+    valid = active && !has_nan && !isinf(max_logit);
+    if (kStaged && valid) {
+      for (int c = warp; c < C; c += kScoreGroups) staged[lane * C + c] = expf(logit(c) - max_logit);
+    }
+    __syncthreads();
+    if (warp == 0) {
+      if (valid) {
+        float sum = 0.f;
+        for (int c = 0; c < C; ++c) sum += kStaged ? staged[lane * C + c] : expf(logit(c) - max_logit);
+        inv_sums[lane] = 1.f / sum;
       }
-      inv_sum = 1.f / sum;
+      valids[lane] = valid;
     }
+    __syncthreads();
+    inv_sum = inv_sums[lane];
+    valid = valids[lane] != 0;
   }
-  const int lane = threadIdx.x & 31;
+  auto score_of = [&](int c) -> float {  // the same arithmetic every time it is asked
+    if (args.softmax) {
+      const float e = kStaged ? staged[lane * C + c] : expf(logit(c) - max_logit);
+      return e * inv_sum;
+    }
+    return 1.f / (1.f + expf(-logit(c)));
+  };
   const unsigned lanes_below = (1u << lane) - 1u;
-  int* counts = args.counts + static_cast<size_t>(image) * C;
-  for (int c = 0; c < C; ++c) {
-    float score = 0.f;
-    bool pass = false;
-    if (valid && c != args.background_class) {
-      if (args.softmax) {
-        const float e = kStaged ? staged[threadIdx.x * C + c] : expf(logit(c) - max_logit);
-        score = e * inv_sum;
-      } else {
-        score = 1.f / (1.f + expf(-logit(c)));
+  const size_t seg0 = static_cast<size_t>(image) * C;
+  for (int c0 = 0; c0 < C; c0 += chunk) {
+    const int cn = min(chunk, C - c0);
+    // (a) each class's ballot over the 32 anchors and the range of its passing score bits
+    for (int i = warp; i < cn; i += kScoreGroups) {
+      const int c = c0 + i;
+      float score = 0.f;
+      const bool pass = valid && c != args.background_class && (score = score_of(c)) > args.threshold;
+      const unsigned ballot = __ballot_sync(0xffffffffu, pass);
+      if (ballot != 0) {  // warp-uniform; lanes that did not pass contribute 0 to both maxima
+        const unsigned part = pass ? __float_as_uint(score) - args.codec.score_base : 0u;
+        const unsigned hi = warp_max(part), lo_inv = warp_max(pass ? ~part : 0u);
+        if (lane == 0) {
+          class_hi[i] = hi;
+          class_lo_inv[i] = lo_inv;
+        }
       }
-      pass = score > args.threshold;
+      if (lane == 0) ballots[i] = ballot;
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, pass);
-    if (ballot == 0) continue;
-    int base = 0;
-    if (lane == __ffs(ballot) - 1) base = atomicAdd(&counts[c], __popc(ballot));
-    base = __shfl_sync(0xffffffffu, base, __ffs(ballot) - 1);
-    if (pass) {
-      const size_t slot = (static_cast<size_t>(image) * C + c) * args.A + base + __popc(ballot & lanes_below);
-      args.candidates[slot] = args.codec.class_key(score, anchor);
+    __syncthreads();
+    // (b) one thread per class: one atomicAdd for the block's count (all classes in flight together)
+    for (int i = threadIdx.x; i < cn; i += blockDim.x) {
+      const int total = __popc(ballots[i]);
+      class_base[i] = total > 0 ? atomicAdd(&args.counts[seg0 + c0 + i], total) : 0;
+      if (total > 0) {
+        atomicMax(&args.score_max[seg0 + c0 + i], class_hi[i]);
+        atomicMax(&args.score_min_inv[seg0 + c0 + i], class_lo_inv[i]);
+      }
     }
+    __syncthreads();
+    // (c) writes: slot = class base + earlier lanes
+    for (int i = warp; i < cn; i += kScoreGroups) {
+      const unsigned ballot = ballots[i];
+      if (ballot & (1u << lane)) {
+        const int c = c0 + i;
+        args.candidates[(seg0 + c) * args.A + class_base[i] + __popc(ballot & lanes_below)] =
+            args.codec.class_key(score_of(c), anchor);
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites ballots and bases
   }
 }
 
@@ -614,6 +758,432 @@ __global__ void output_kernel(const T* __restrict__ deltas, OutputArgs args) {
   args.labels[slot] = label;
 }
 
+// ---- fast path: class_kernel + redo_kernel ------------------------------------------------------
+constexpr int kRankSortMax = 256;  // a selection this small is sorted by counting, not by radix passes
+constexpr int kRedoBlocks = 32;    // redo_kernel blocks per image
+
+// 3-bit digits for 1024-thread blocks keep the sorter's counters (and the block) under 48 KB.
+template <int kThreads, int kItems>
+using FastSort = cub::BlockRadixSort<uint64_t, kThreads, kItems, cub::NullType, kThreads >= 1024 ? 3 : 4>;
+
+template <int kThreads>
+__host__ __device__ constexpr size_t fast_sort_bytes() {  // every cub sorter block_top_k may use
+  constexpr int kMaxItems = kFastSortCap / kThreads;
+  size_t bytes = sizeof(typename FastSort<kThreads, 1>::TempStorage);
+  if constexpr (kMaxItems >= 2) bytes = max_size(bytes, sizeof(typename FastSort<kThreads, 2>::TempStorage));
+  if constexpr (kMaxItems >= 4) bytes = max_size(bytes, sizeof(typename FastSort<kThreads, 4>::TempStorage));
+  return bytes;
+}
+
+struct FastNmsSmem {
+  Box boxes[kFastMaxTopK];
+  float areas[kFastMaxTopK];
+  uint64_t row_mask[kNmsChunk];
+  int kept_list[kFastMaxTopK];
+};
+
+template <int kThreads>
+struct FastShared {
+  uint64_t keys[kFastSortCap];  // sorted keys (class keys, or image keys when finishing an image)
+  union {
+    __align__(16) unsigned char sort[fast_sort_bytes<kThreads>()];
+    FastNmsSmem nms;
+  } u;
+  uint64_t removed[kFastMaxTopK / 64];  // NMS: candidate suppressed
+  typename cub::BlockScan<int, kThreads>::TempStorage scan;
+  int hist[256];
+  int digit, greater, selected, count, total_kept, out_base, fails, is_last;
+};
+
+struct FastArgs {
+  int A, C, top_k, quota, max_detections, background_class, kept_capacity;
+  int anchor_bits, class_end_bit, image_end_bit;
+  float iou_threshold;
+  KeyCodec codec;
+  DecodeArgs decode;
+  const int* counts;             // [B, C]
+  const unsigned* score_max;     // [B, C] range of a class's (score bits - base), from score_kernel
+  const unsigned* score_min_inv;
+  const uint64_t* candidates;    // class keys [B, C, A]
+  uint64_t* kept;                // image keys [B, kept_capacity], appended
+  int* kept_counts;              // [B]
+  uint64_t* last;                // [B, C]: 1 + image key of the last processed candidate of a class that
+                                 // stopped short of min(count, top_k); 0 otherwise
+  int* fail_list;                // [B, C]: classes the exactness check sends to redo_kernel
+  int* fail_count;               // [B]
+  int* done;                     // [B] class_kernel blocks finished (zeroed by the memset)
+  int* done_redo;                // [B] redo_kernel blocks finished (zeroed by the memset)
+  int32_t* num_detections;
+  float* out_boxes;
+  float* out_scores;
+  int32_t* out_labels;
+};
+
+template <int kThreads, int kItems>
+__device__ void fast_sort(uint64_t* keys, int n, int end_bit, void* storage) {
+  auto& temp = *reinterpret_cast<typename FastSort<kThreads, kItems>::TempStorage*>(storage);
+  uint64_t k[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int idx = threadIdx.x * kItems + i;
+    k[i] = idx < n ? keys[idx] : 0;
+  }
+  FastSort<kThreads, kItems>(temp).SortDescending(k, 0, end_bit);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int idx = threadIdx.x * kItems + i;
+    if (idx < n) keys[idx] = k[i];
+  }
+}
+
+// Sorts keys[0, n), n <= kRankSortMax, unique, descending: a key's place is the number of larger keys,
+// counted by kThreads / kRankSortMax consecutive lanes per key.
+template <int kThreads>
+__device__ void rank_sort(uint64_t* keys, int n) {
+  constexpr int kSplit = kThreads / kRankSortMax;
+  static_assert(kSplit >= 1 && kSplit <= 32 && (kSplit & (kSplit - 1)) == 0, "lanes per key");
+  const int idx = threadIdx.x / kSplit, part = threadIdx.x % kSplit;
+  const uint64_t key = idx < n ? keys[idx] : 0;
+  int rank = 0;
+  if (idx < n) {
+    for (int j = part; j < n; j += kSplit) rank += keys[j] > key ? 1 : 0;
+  }
+#pragma unroll
+  for (int o = kSplit / 2; o > 0; o >>= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
+  __syncthreads();
+  if (idx < n && part == 0) keys[rank] = key;
+  __syncthreads();
+}
+
+constexpr int kLoadBatch = 4;  // global loads a thread has in flight while scanning a key list
+
+// batch[j] = keys[base + j * kThreads + threadIdx.x] (0 past n), issued together; through L2 only, since
+// the list may have been written by other blocks of the same launch.
+template <int kThreads>
+__device__ __forceinline__ void load_batch(const uint64_t* keys, int n, int base, uint64_t (&batch)[kLoadBatch]) {
+#pragma unroll
+  for (int j = 0; j < kLoadBatch; ++j) {
+    const int i = base + j * kThreads + threadIdx.x;
+    batch[j] = i < n ? __ldcg(keys + i) : 0;
+  }
+}
+
+// The min(n, k) largest of keys[0, n) (global memory, unique, all within [lo, hi]), sorted descending, into
+// s.keys; returns that count. k <= kFastSortCap. Whole block; ends with a barrier. Radix select from the
+// highest bit where lo and hi differ, 8 bits a pass, counting only the keys of the boundary bucket, until
+// the keys at or above it fit (kRankSortMax when k does, else kFastSortCap); those are gathered and sorted.
+template <int kThreads>
+__device__ int block_top_k(const uint64_t* keys, int n, int k, int end_bit, uint64_t hi, uint64_t lo,
+                           FastShared<kThreads>& s) {
+  k = min(k, n);
+  if (k <= 0) return 0;
+  const int lane = threadIdx.x & 31;
+  const int cap = k <= kRankSortMax ? kRankSortMax : kFastSortCap;
+  int shift = min(end_bit, 64 - __clzll(static_cast<long long>(hi ^ lo)));  // bits at and above are decided
+  uint64_t prefix = shift >= 64 ? 0 : hi >> shift;  // key >> shift of the boundary bucket
+  int greater = 0;   // keys above the boundary bucket
+  int selected = n;  // keys with key >> shift >= prefix (always >= k)
+  while (selected > cap && shift > 0) {
+    const int next_shift = max(shift - 8, 0);
+    const int digits = 1 << (shift - next_shift);
+    if (threadIdx.x < 256) s.hist[threadIdx.x] = 0;
+    __syncthreads();
+    for (int base = 0; base < n; base += kLoadBatch * kThreads) {
+      uint64_t batch[kLoadBatch];
+      load_batch<kThreads>(keys, n, base, batch);
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int i = base + j * kThreads + threadIdx.x;
+        const uint64_t key = batch[j];
+        const bool in = i < n && (key >> shift) == prefix;
+        const unsigned act = __ballot_sync(0xffffffffu, in);
+        if (in) {
+          const int d = static_cast<int>((key >> next_shift) & static_cast<uint64_t>(digits - 1));
+          const int leader = __ffs(act) - 1;
+          const int d0 = __shfl_sync(act, d, leader);
+          if (__all_sync(act, d == d0)) {  // common when scores are close: one atomic for the warp
+            if (lane == leader) atomicAdd(&s.hist[d], __popc(act));
+          } else {
+            atomicAdd(&s.hist[d], 1);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    // Thread t < 256 holds digit 255 - t; its inclusive sum counts the bucket's keys at or above it.
+    const int h = threadIdx.x < 256 ? s.hist[255 - threadIdx.x] : 0;
+    int at_or_above = 0;
+    cub::BlockScan<int, kThreads>(s.scan).InclusiveSum(h, at_or_above);
+    if (threadIdx.x < 256 && greater + at_or_above >= k && greater + at_or_above - h < k) {
+      s.digit = 255 - threadIdx.x;
+      s.greater = greater + at_or_above - h;
+      s.selected = greater + at_or_above;
+    }
+    __syncthreads();
+    prefix = (prefix << (shift - next_shift)) | static_cast<uint64_t>(s.digit);
+    greater = s.greater;
+    selected = s.selected;
+    shift = next_shift;
+    __syncthreads();  // s.digit & co. are rewritten by the next pass
+  }
+  if (threadIdx.x == 0) s.count = 0;
+  __syncthreads();
+  for (int base = 0; base < n; base += kLoadBatch * kThreads) {
+    uint64_t batch[kLoadBatch];
+    load_batch<kThreads>(keys, n, base, batch);
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; ++j) {
+      const int i = base + j * kThreads + threadIdx.x;
+      const uint64_t key = batch[j];
+      const bool in = i < n && (shift >= 64 ? true : (key >> shift) >= prefix);
+      const unsigned act = __ballot_sync(0xffffffffu, in);
+      int slot = 0;
+      if (lane == 0 && act != 0) slot = atomicAdd(&s.count, __popc(act));
+      slot = __shfl_sync(0xffffffffu, slot, 0);
+      const int at = slot + __popc(act & ((1u << lane) - 1u));
+      if (in && at < kFastSortCap) s.keys[at] = key;  // always true for unique keys
+    }
+  }
+  __syncthreads();
+  const int count = min(s.count, kFastSortCap);  // == selected <= cap
+  if (count <= kRankSortMax) {
+    rank_sort<kThreads>(s.keys, count);
+  } else if (count <= kThreads) {
+    fast_sort<kThreads, 1>(s.keys, count, end_bit, s.u.sort);
+  } else if constexpr (kFastSortCap / kThreads >= 2) {
+    if (count <= 2 * kThreads) fast_sort<kThreads, 2>(s.keys, count, end_bit, s.u.sort);
+    else fast_sort<kThreads, kFastSortCap / kThreads>(s.keys, count, end_bit, s.u.sort);
+  }
+  __syncthreads();
+  return k;
+}
+
+// Greedy NMS over the sorted class keys s.keys[0, p), p <= kFastMaxTopK, of `image`; keeps at most
+// max_detections. Returns the kept count; s.u.nms.kept_list holds their positions.
+template <typename T, int kThreads>
+__device__ int class_nms(const T* deltas, int image, int p, const FastArgs& a, FastShared<kThreads>& s) {
+  FastNmsSmem& m = s.u.nms;
+  for (int i = threadIdx.x; i < p; i += kThreads) {
+    const Box b = decode_anchor(deltas, image, a.A, a.codec.class_key_anchor(s.keys[i]), a.decode);
+    m.boxes[i] = b;
+    m.areas[i] = box_area(b);
+  }
+  if (threadIdx.x < kFastMaxTopK / 64) s.removed[threadIdx.x] = 0;
+  if (threadIdx.x == 0) s.total_kept = 0;
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int kWarps = kThreads / 32;
+  const float thr = a.iou_threshold;
+  for (int start = 0; start < p; start += kNmsChunk) {
+    const int len = min(kNmsChunk, p - start);
+    const int word = start / 64;
+    const uint64_t removed_before = s.removed[word];  // stable: last written before the previous barrier
+    const int kept_before = s.total_kept;
+    // (a) IoU bitmask of the chunk's rows still open: row r, bit c set when c > r and IoU(r, c) > thr.
+    for (int r = warp; r < len; r += kWarps) {
+      if ((removed_before >> r) & 1u) continue;  // warp-uniform
+      const Box br = m.boxes[start + r];
+      const float ar = m.areas[start + r];
+      const int c0 = lane, c1 = lane + 32;
+      const bool hit0 = c0 > r && c0 < len && iou_above(br, ar, m.boxes[start + c0], m.areas[start + c0], thr);
+      const bool hit1 = c1 > r && c1 < len && iou_above(br, ar, m.boxes[start + c1], m.areas[start + c1], thr);
+      const unsigned lo = __ballot_sync(0xffffffffu, hit0);
+      const unsigned hi = __ballot_sync(0xffffffffu, hit1);
+      if (lane == 0) m.row_mask[r] = (static_cast<uint64_t>(hi) << 32) | lo;
+    }
+    __syncthreads();
+    // (b) one lane resolves the chunk greedily, jumping from open candidate to open candidate.
+    if (threadIdx.x == 0) {
+      uint64_t removed = removed_before;
+      const uint64_t valid = len == 64 ? ~uint64_t{0} : ((uint64_t{1} << len) - 1);
+      int total = kept_before;
+      uint64_t open = valid & ~removed;
+      while (open != 0 && total < a.max_detections) {
+        const int r = __ffsll(static_cast<long long>(open)) - 1;
+        m.kept_list[total++] = start + r;
+        removed |= m.row_mask[r] | (uint64_t{1} << r);
+        open = valid & ~removed;
+      }
+      s.removed[word] = removed;
+      s.total_kept = total;
+    }
+    __syncthreads();
+    const int kept_after = s.total_kept;
+    const int first_later = start + len;
+    if (kept_after >= a.max_detections || first_later >= p) break;
+    // (c) the chunk's kept boxes suppress later candidates: a warp per kept box, its lanes over 32
+    // consecutive later candidates (first_later is a multiple of 64), one atomicOr per warp and word.
+    for (int k = kept_before + warp; k < kept_after; k += kWarps) {
+      const int r = m.kept_list[k];
+      const Box br = m.boxes[r];
+      const float ar = m.areas[r];
+      for (int j0 = first_later; j0 < p; j0 += 32) {
+        const int j = j0 + lane;
+        const bool hit = j < p && iou_above(br, ar, m.boxes[j], m.areas[j], thr);
+        const unsigned bits = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0 && bits != 0) {
+          atomicOr(reinterpret_cast<unsigned long long*>(&s.removed[j0 >> 6]),
+                   static_cast<unsigned long long>(bits) << (j0 & 63));
+        }
+      }
+    }
+    __syncthreads();
+  }
+  __syncthreads();
+  return s.total_kept;
+}
+
+// Appends the kept class keys (positions s.u.nms.kept_list[0, kept) of s.keys) of class `cls` as image
+// keys to `out`, skipping keys at or above `skip_from` (image keys; ~0 skips none); the slots come from one
+// atomicAdd on *counter. Whole block.
+template <int kThreads>
+__device__ void append_kept(int kept, int cls, uint64_t skip_from, uint64_t* out, int* counter, const FastArgs& a,
+                            FastShared<kThreads>& s) {
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) s.count = 0;
+  __syncthreads();
+  for (int base = 0; base < kept; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const uint64_t key = i < kept ? a.codec.class_to_image_key(s.keys[s.u.nms.kept_list[i]], cls) : 0;
+    const unsigned act = __ballot_sync(0xffffffffu, i < kept && key < skip_from);
+    if (lane == 0 && act != 0) atomicAdd(&s.count, __popc(act));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s.out_base = s.count > 0 ? atomicAdd(counter, s.count) : 0;
+    s.count = 0;
+  }
+  __syncthreads();
+  for (int base = 0; base < kept; base += kThreads) {
+    const int i = base + threadIdx.x;
+    const uint64_t key = i < kept ? a.codec.class_to_image_key(s.keys[s.u.nms.kept_list[i]], cls) : 0;
+    const bool in = i < kept && key < skip_from;
+    const unsigned act = __ballot_sync(0xffffffffu, in);
+    int slot = 0;
+    if (lane == 0 && act != 0) slot = atomicAdd(&s.count, __popc(act));
+    slot = __shfl_sync(0xffffffffu, slot, 0);
+    if (in) out[s.out_base + slot + __popc(act & ((1u << lane) - 1u))] = key;
+  }
+  __syncthreads();
+}
+
+// A class's candidates: select the best `want`, NMS, append the kept ones below `skip_from`.
+template <typename T, int kThreads>
+__device__ int process_class(const T* deltas, int image, int cls, int want, uint64_t skip_from, const FastArgs& a,
+                             FastShared<kThreads>& s, uint64_t* last_key) {
+  const size_t seg = static_cast<size_t>(image) * a.C + cls;
+  const int n = a.counts[seg];
+  const uint64_t anchor_mask = (uint64_t{1} << a.anchor_bits) - 1;
+  const uint64_t hi = (static_cast<uint64_t>(a.score_max[seg]) << a.anchor_bits) | anchor_mask;
+  const uint64_t lo = static_cast<uint64_t>(~a.score_min_inv[seg]) << a.anchor_bits;
+  const int p = block_top_k<kThreads>(a.candidates + seg * a.A, n, want, a.class_end_bit, hi, lo, s);
+  *last_key = p > 0 ? a.codec.class_to_image_key(s.keys[p - 1], cls) : 0;
+  const int kept = class_nms<T, kThreads>(deltas, image, p, a, s);
+  append_kept<kThreads>(kept, cls, skip_from, a.kept + static_cast<size_t>(image) * a.kept_capacity,
+                        &a.kept_counts[image], a, s);
+  return p;
+}
+
+// After every block of the launch for `image` finished (fence + counter): the best max_detections kept
+// keys, sorted. With `check`: classes that stopped short at a key above the K-th kept key (or any class
+// that stopped short, when fewer than K were kept) go to fail_list for redo_kernel, which then finishes
+// the image; otherwise (and always without `check`) the outputs are written here.
+template <typename T, int kThreads>
+__device__ void finish_image(const T* deltas, int image, bool check, const FastArgs& a, FastShared<kThreads>& s) {
+  const int K = a.max_detections;
+  const int total = __ldcg(&a.kept_counts[image]);
+  const int num = block_top_k<kThreads>(a.kept + static_cast<size_t>(image) * a.kept_capacity, total, K,
+                                        a.image_end_bit, (uint64_t{1} << a.image_end_bit) - 1, 0, s);
+  if (check) {
+    const bool have_kth = num == K;
+    const uint64_t kth = have_kth ? s.keys[K - 1] : 0;
+    if (threadIdx.x == 0) s.fails = 0;
+    __syncthreads();
+    const size_t seg0 = static_cast<size_t>(image) * a.C;
+    for (int c = threadIdx.x; c < a.C; c += kThreads) {
+      const uint64_t last = __ldcg(&a.last[seg0 + c]);
+      if (last != 0 && (!have_kth || last - 1 > kth)) a.fail_list[seg0 + atomicAdd(&s.fails, 1)] = c;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) a.fail_count[image] = s.fails;
+    if (s.fails > 0) return;  // block-uniform
+  }
+  for (int i = threadIdx.x; i < K; i += kThreads) {
+    const size_t slot = static_cast<size_t>(image) * K + i;
+    float4 box = make_float4(0.f, 0.f, 0.f, 0.f);
+    float score = 0.f;
+    int32_t label = -1;
+    if (i < num) {
+      const uint64_t key = s.keys[i];
+      const Box b = decode_anchor(deltas, image, a.A, a.codec.image_key_anchor(key), a.decode);
+      box = make_float4(b.x1, b.y1, b.x2, b.y2);
+      score = a.codec.image_key_score(key);
+      label = a.codec.image_key_class(key);
+    }
+    reinterpret_cast<float4*>(a.out_boxes)[slot] = box;
+    a.out_scores[slot] = score;
+    a.out_labels[slot] = label;
+  }
+  if (threadIdx.x == 0) a.num_detections[image] = num;
+}
+
+// True in every thread of the block that finished last among the gridDim.x blocks of `image`; the
+// block's global writes are fenced before it counts, and the last block fences before it reads.
+template <int kThreads>
+__device__ bool last_block_of_image(int* done, FastShared<kThreads>& s) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s.is_last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  const bool last = s.is_last;
+  if (last) __threadfence();
+  return last;
+}
+
+// One block per (class, image): the class's best min(count, top_k, quota) candidates, NMS, kept keys
+// appended; the image's last block selects, checks the quota and (usually) writes the outputs.
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) class_kernel(const T* __restrict__ deltas, FastArgs a) {
+  __shared__ FastShared<kThreads> s;
+  const int cls = blockIdx.x, image = blockIdx.y;
+  const size_t seg = static_cast<size_t>(image) * a.C + cls;
+  const int n = cls == a.background_class ? 0 : a.counts[seg];
+  const int full = min(n, a.top_k);
+  const int target = min(full, a.quota);
+  uint64_t last = 0;
+  if (target > 0) {  // block-uniform
+    uint64_t last_key = 0;
+    const int p = process_class<T, kThreads>(deltas, image, cls, target, ~uint64_t{0}, a, s, &last_key);
+    if (p < full) last = last_key + 1;
+  }
+  if (threadIdx.x == 0) a.last[seg] = last;
+  if (last_block_of_image<kThreads>(&a.done[image], s)) finish_image<T, kThreads>(deltas, image, true, a, s);
+}
+
+// Grid (kRedoBlocks or fewer, B): for an image whose check failed, the failing classes in full (top_k),
+// adding the kept keys below where class_kernel stopped; the image's last block writes the outputs.
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) redo_kernel(const T* __restrict__ deltas, FastArgs a) {
+  __shared__ FastShared<kThreads> s;
+  const int image = blockIdx.y;
+  const int fails = a.fail_count[image];
+  if (fails == 0) return;  // class_kernel wrote this image's outputs
+  const size_t seg0 = static_cast<size_t>(image) * a.C;
+  for (int f = blockIdx.x; f < fails; f += gridDim.x) {
+    const int cls = a.fail_list[seg0 + f];
+    uint64_t last_key = 0;
+    process_class<T, kThreads>(deltas, image, cls, a.top_k, a.last[seg0 + cls] - 1, a, s, &last_key);
+  }
+  if (last_block_of_image<kThreads>(&a.done_redo[image], s)) finish_image<T, kThreads>(deltas, image, false, a, s);
+}
+
+// redo_kernel always runs 1024-thread blocks: few of them do work, each a class in full.
+template <typename T, int kThreads>
+void launch_fast(const T* deltas, const FastArgs& fa, int B, int C, cudaStream_t stream) {
+  class_kernel<T, kThreads><<<dim3(C, B), kThreads, 0, stream>>>(deltas, fa);
+  redo_kernel<T, 1024><<<dim3(std::min(C, kRedoBlocks), B), 1024, 0, stream>>>(deltas, fa);
+}
+
 template <typename T>
 cudaError_t launch(const T* deltas, const T* logits, const float* anchors, const Plan& plan, const Params& params,
                    unsigned char* ws, int32_t* num_detections, float* boxes, float* scores, int32_t* labels,
@@ -631,14 +1201,35 @@ cudaError_t launch(const T* deltas, const T* logits, const float* anchors, const
   const int K = params.max_detections;
   if (plan.A > 0) {
     const ScoreArgs sa{plan.A, plan.C, params.background_class, params.softmax, params.score_threshold, codec,
-                       keys_at(plan.off_candidates), counts};
-    if (plan.anchors_per_score_block > 0) {
-      const int per_block = plan.anchors_per_score_block;
-      const size_t smem = static_cast<size_t>(per_block) * plan.C * sizeof(float);
-      score_kernel<T, true><<<dim3(ceil_div(plan.A, per_block), plan.B), per_block, smem, stream>>>(logits, sa);
+                       keys_at(plan.off_candidates), counts, reinterpret_cast<unsigned*>(ws + plan.off_score_max),
+                       reinterpret_cast<unsigned*>(ws + plan.off_score_min_inv)};
+    const dim3 grid(ceil_div(plan.A, kScoreAnchors), plan.B);
+    const int threads = kScoreAnchors * kScoreGroups;
+    if (plan.staged_scores) {
+      score_kernel<T, true><<<grid, threads, score_smem_bytes(true, plan.C), stream>>>(logits, sa);
     } else {
-      score_kernel<T, false><<<dim3(ceil_div(plan.A, 128), plan.B), 128, 0, stream>>>(logits, sa);
+      score_kernel<T, false><<<grid, threads, score_smem_bytes(false, plan.C), stream>>>(logits, sa);
     }
+  }
+  if (plan.fast) {
+    auto ints_at = [&](size_t offset) { return reinterpret_cast<int*>(ws + offset); };
+    const FastArgs fa{plan.A, plan.C, plan.top_k, plan.quota, K, params.background_class, plan.kept_capacity,
+                      plan.anchor_bits, plan.score_bits + plan.anchor_bits,
+                      plan.score_bits + plan.class_bits + plan.anchor_bits, params.iou_threshold, codec, decode,
+                      counts, reinterpret_cast<const unsigned*>(ws + plan.off_score_max),
+                      reinterpret_cast<const unsigned*>(ws + plan.off_score_min_inv), keys_at(plan.off_candidates),
+                      keys_at(plan.off_kept), kept_counts, keys_at(plan.off_last), ints_at(plan.off_fail_list),
+                      ints_at(plan.off_fail_count), ints_at(plan.off_done), ints_at(plan.off_done_redo),
+                      num_detections, boxes, scores, labels};
+    // Few (image, class) blocks: latency decides, 1024 threads each; many: 256 (more blocks per SM).
+    if (static_cast<int64_t>(plan.B) * plan.C <= kFastWideSegments) {
+      launch_fast<T, 1024>(deltas, fa, plan.B, plan.C, stream);
+    } else {
+      launch_fast<T, 256>(deltas, fa, plan.B, plan.C, stream);
+    }
+    return cudaGetLastError();
+  }
+  if (plan.A > 0) {
     const int image_key_bits = plan.score_bits + plan.class_bits + plan.anchor_bits;
     segmented_top_k(TopkArgs{keys_at(plan.off_candidates), static_cast<size_t>(plan.A), counts, plan.top_k,
                              plan.score_bits + plan.anchor_bits, keys_at(plan.off_topk)},
