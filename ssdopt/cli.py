@@ -14,8 +14,10 @@ from ssdopt.errors import SsdoptError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Synthetic dataset and calibration set.")
 plugin_app = typer.Typer(no_args_is_help=True, help="The SSDDecodeNMS native plugin.")
+track_app = typer.Typer(no_args_is_help=True, help="MLflow: log engines built and measured elsewhere.")
 app.add_typer(data_app, name="data")
 app.add_typer(plugin_app, name="plugin")
+app.add_typer(track_app, name="track")
 
 
 def _print_version(value: bool) -> None:
@@ -148,6 +150,52 @@ def promote_command(
         typer.echo(f"{model}: champion v{decision.champion} (previous v{decision.previous})")
         for version, reason in sorted(decision.reasons.items()):
             typer.echo(f"  v{version}: {reason}")
+
+
+@track_app.command("log")
+def track_log(
+    engine: Path = typer.Argument(..., help="Engine directory (built here or on a build box)."),
+    evaluation: Path = typer.Option(..., help="`ssdopt evaluate ENGINE --reference FP32 -o` JSON of it."),
+    model_name: str | None = typer.Option(
+        None, help="Registered as NAME.<target> (params: optimize.model_name)."
+    ),
+    promote_after: bool = typer.Option(
+        True, "--promote/--no-promote", help="Run the promotion policy after."
+    ),
+) -> None:
+    """Register an engine with its measured evaluation under the deployment target of its metadata.
+
+    The engine is not loaded (a GPU engine registers from a CPU machine); its evaluation must come from
+    where it runs. Logging the same engine twice adds nothing."""
+    import json
+    import math
+
+    from ssdopt.tracking import local_store, log_evaluated_engine, promote
+
+    opt = section("optimize")
+    try:
+        measured = json.loads(Path(evaluation).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SsdoptError(
+            evaluation, f"a readable evaluation JSON ({exc})", "run `ssdopt evaluate`"
+        ) from None
+    store = local_store(opt.get("mlflow_root", "mlflow"))
+    run_id, registered, version = log_evaluated_engine(
+        store,
+        engine,
+        measured,
+        model_name or opt.get("model_name", "ssdlite-shapes"),
+        opt.get("experiment", "ssdopt"),
+        float(opt.get("map_budget", 1.0)),
+        float(opt.get("min_agreement", 0.8)),
+    )
+    typer.echo(f"{registered} v{version} (run {run_id})")
+    if promote_after:
+        points = float(opt.get("map_budget", 1.0))
+        decision = promote(store, registered, points if math.isfinite(points) else 1.0)
+        typer.echo(f"{registered}: champion v{decision.champion}")
+        for number, reason in sorted(decision.reasons.items()):
+            typer.echo(f"  v{number}: {reason}")
 
 
 @app.command("compare")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -106,14 +107,20 @@ def evaluate(
     ),
     split: str = typer.Option("val", help="Split, where --dataset is a folder."),
     images: Path | None = typer.Option(None, help="Image folder (default: found beside the json)."),
-    reference: Path | None = typer.Option(None, help="fp32 engine dir for detection agreement."),
+    reference: Path | None = typer.Option(None, help="fp32 engine dir: ΔmAP and detection agreement."),
     limit: int | None = typer.Option(None, help="First N images (0 = all)."),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="Also time batch 1 end to end."),
     out: Path | None = typer.Option(None, help="Metrics JSON (default: reports/eval-<engine>.json)."),
 ) -> None:
-    """COCO mAP (pycocotools) of one engine, plus agreement with an fp32 engine; JSON output."""
+    """COCO mAP (pycocotools) of one engine, its batch-1 latency, and ΔmAP/agreement against an fp32
+    engine; JSON output (what `ssdopt track log --evaluation` registers, e.g. from a GPU build box)."""
+    import datetime
+
+    from ssdopt.backends.device import cpu_info, device_info
     from ssdopt.data.coco import load_split
     from ssdopt.evaluate.bench import subset
-    from ssdopt.evaluate.engine import agreement, evaluate_engine, format_agreement
+    from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine, format_agreement
+    from ssdopt.evaluate.latency import TimingPlan
     from ssdopt.fileio import write_json
 
     p = section("bench")
@@ -121,14 +128,35 @@ def evaluate(
         load_split(Path(pick(dataset, p, "dataset", "data/synthetic/val.json")), split, images), limit or None
     )
     result = evaluate_engine(engine, ds)
-    metrics = {"engine": str(engine), "dataset": str(ds.path), **result.metrics}
+    metrics = {"engine": str(engine), "dataset": str(ds.path), "images": len(ds.images), **result.metrics}
     if reference is not None:
-        metrics["agreement"] = agreement(result.detections, evaluate_engine(reference, ds).detections)
+        ref = evaluate_engine(reference, ds)
+        metrics["agreement"] = agreement(result.detections, ref.detections)
+        metrics["delta_map"] = 100.0 * (result.metrics["map"] - ref.metrics["map"])
         metrics["reference"] = str(reference)
+    if latency:
+        timing = p.get("timing") or {}
+        plan = TimingPlan(
+            **{k: timing[k] for k in ("warmup_s", "min_duration_s", "min_iterations") if k in timing}
+        )
+        stats = engine_latency(engine, batch=1, plan=plan)
+        metrics.update(
+            p50_ms=stats.median_ms,
+            p99_ms=stats.p99_ms,
+            mean_ms=stats.mean_ms,
+            throughput_ips=stats.throughput_ips,
+        )
+    kind = json.loads((Path(engine) / "metadata.json").read_text()).get("device", {}).get("kind", "cpu")
+    metrics["measured_on"] = {
+        "device": device_info(kind) if kind == "cuda" else cpu_info(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     path = write_json(metrics, out or Path(p.get("out", "reports")) / f"eval-{Path(engine).name}.json")
     typer.echo(
         f"mAP {metrics['map']:.4f}  mAP50 {metrics['map_50']:.4f}  AR100 {metrics['ar_100']:.4f}"
+        + (f"  ΔmAP {metrics['delta_map']:+.2f} pts" if "delta_map" in metrics else "")
         + (f"  agreement {format_agreement(metrics['agreement'])}" if "agreement" in metrics else "")
+        + (f"  p50 {metrics['p50_ms']:.2f} ms  p99 {metrics['p99_ms']:.2f} ms" if latency else "")
     )
     typer.echo(f"metrics: {path}")
 

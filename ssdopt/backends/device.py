@@ -99,15 +99,20 @@ def describe(device: dict[str, Any]) -> str:
 
 
 def deployment_target(device: str = "cpu") -> str:
-    """Short name of the hardware an engine is built for; one registered model per target.
+    """Short name of the hardware an engine is built for here; one registered model per target.
 
     cpu: the widest ISA tier that changes kernels (cpu-amx, cpu-avx512-vnni, cpu-avx512, cpu-avx2);
-    cuda: the GPU's name, e.g. "nvidia-h100-80gb-hbm3".
+    cuda: compute capability and GPU name, e.g. "cuda-sm90-nvidia-h200".
     """
-    info = device_info(device)
-    if info.get("kind") == "cuda":
-        name = (info.get("name") or "unknown-gpu").lower()
-        return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+    return target_of(device_info(device))
+
+
+def target_of(info: dict[str, Any]) -> str:
+    """The deployment target of a device record (an engine's metadata["device"], or this machine's)."""
+    if info.get("kind") == "cuda":  # e.g. cuda-sm90-nvidia-h200: architecture and model
+        name = "".join(ch if ch.isalnum() else "-" for ch in (info.get("name") or "unknown-gpu").lower())
+        sm = str(info.get("compute_capability") or "").replace(".", "")
+        return "-".join(part for part in ("cuda", f"sm{sm}" if sm else "", name.strip("-")) if part)
     flags = set(info.get("flags", ()))
     for tier, needed in (
         ("cpu-amx", "amx_int8"),

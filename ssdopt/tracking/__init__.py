@@ -458,3 +458,64 @@ def resolve_engine_uri(uri: str, store: Store | None = None) -> Path:
             uri, "a logged ssdopt engine (metadata.json + layers.json)", "log engines with the flow"
         )
     return found[0]
+
+
+def log_evaluated_engine(
+    store: Store,
+    engine_dir: Path,
+    evaluation: Mapping[str, Any],
+    model_name: str,
+    experiment: str = "ssdopt",
+    budget_points: float = 1.0,
+    min_agreement: float = 0.8,
+) -> tuple[str, str, str]:
+    """Log a built engine with the evaluation measured where it runs (`ssdopt evaluate` JSON) and
+    register it under `<model_name>.<target>`, the target read from the engine's own metadata (so a
+    GPU engine from a build box lands in its GPU model, never among CPU engines). Nothing is loaded:
+    this machine may not be able to run the engine. Returns (run_id, registered model, version)."""
+    import json
+
+    from ssdopt.backends.device import target_of
+    from ssdopt.evaluate.engine import validation_problems
+
+    engine_dir = Path(engine_dir)
+    meta_path = engine_dir / "metadata.json"
+    if not meta_path.is_file():
+        raise SsdoptError(engine_dir, "an engine directory with metadata.json", "pass the engine directory")
+    meta = json.loads(meta_path.read_text())
+    if "map" not in evaluation:
+        raise SsdoptError(
+            "--evaluation", "the JSON `ssdopt evaluate` writes (with map)", "run `ssdopt evaluate ENGINE`"
+        )
+    target = target_of(meta.get("device") or {})
+    registered = f"{model_name}.{target}"
+    problems = validation_problems(
+        evaluation.get("delta_map"), evaluation.get("agreement"), budget_points, min_agreement
+    )
+    params = {
+        "backend": meta.get("backend"),
+        "precision": meta.get("precision"),
+        "device": target,
+        "onnx_sha256": (meta.get("source_onnx") or {}).get("sha256"),
+        "runtime_version": (meta.get("runtime") or {}).get("version"),
+        "eval_dataset": evaluation.get("dataset"),
+        "eval_images": evaluation.get("images"),
+    }
+    tags = {
+        "ssdopt.target": target,
+        "ssdopt.validated": str("delta_map" in evaluation and not problems).lower(),
+        "ssdopt.measured_on": json.dumps(evaluation.get("measured_on", {}))[:4000],
+    }
+    if problems:
+        tags["ssdopt.reason"] = "; ".join(problems)
+    run_id, version = log_engine_once(
+        store,
+        experiment,
+        engine_dir,
+        params={k: v for k, v in params.items() if v is not None},
+        metrics={k: evaluation.get(k) for k in LOGGED_METRICS if isinstance(evaluation.get(k), int | float)},
+        registered_model=registered,
+        tags=tags,
+        run_name=f"{meta.get('backend')}-{meta.get('precision')}-{target}",
+    )
+    return run_id, registered, str(version)

@@ -23,3 +23,9 @@ def test_target_is_the_widest_isa_tier(
     fake = {"kind": "cpu", "name": "Some CPU", "machine": "x86_64", "flags": flags}
     monkeypatch.setattr(device, "cpu_info", lambda: fake)
     assert device.deployment_target("cpu") == target
+
+
+def test_gpu_target_names_architecture_and_model() -> None:
+    info = {"kind": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0", "memory_mib": 143771}
+    assert device.target_of(info) == "cuda-sm90-nvidia-h200"
+    assert device.target_of({"kind": "cuda", "name": None, "compute_capability": None}) == "cuda-unknown-gpu"
