@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ssdopt.backends.device import deployment_target
 from ssdopt.config import load_params
+from ssdopt.data.coco import resolve_split
 from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.engine import validation_problems
 from ssdopt.evaluate.report_table import format_rows, markdown_table
@@ -92,7 +93,7 @@ def optimize(
     ]
     built = [f.result() for f in futures]
 
-    dataset_json = str(Path(s["dataset"]) / f"{s['split']}.json")
+    dataset_json, image_dir = (str(p) for p in resolve_split(Path(s["dataset"]), s["split"]))
     rows: list[dict[str, Any]] = []
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for b in built:
@@ -107,7 +108,13 @@ def optimize(
             rows.append({**row, "status": "failed", "reason": b["reason"]})
             continue
         res = evaluate(
-            b["engine"], b["engine_sha256"], dataset_json, versions.get("synthetic"), s["limit"], s["timing"]
+            b["engine"],
+            b["engine_sha256"],
+            dataset_json,
+            versions.get("synthetic"),
+            s["limit"],
+            s["timing"],
+            image_dir,
         )
         results[(b["backend"], b["precision"])] = res
         lat = res["latency"]

@@ -68,7 +68,11 @@ def data_generate(
 
 @data_app.command("calibration")
 def data_calibration(
-    dataset: Path = typer.Option(None, help="Dataset root holding train.json (params: generate.out)."),
+    dataset: Path = typer.Option(
+        None, help="COCO json or dataset folder, ssdopt or COCO layout (params: generate.out)."
+    ),
+    split: str = typer.Option("train", help="Split to select from, where --dataset is a folder."),
+    images: Path | None = typer.Option(None, help="Image folder (default: found beside the json)."),
     out: Path | None = typer.Option(None, help="Output directory (params: calibration.out)."),
     num_images: int | None = typer.Option(None, help="Images to select."),
     strategy: str | None = typer.Option(None, help="random | class-balanced"),
@@ -76,12 +80,15 @@ def data_calibration(
 ) -> None:
     """Select the calibration set from the train split."""
     from ssdopt.data.calibration import select_calibration_set
+    from ssdopt.data.coco import resolve_split
 
     p = section("calibration")
-    root = Path(dataset or section("generate").get("out", "data/synthetic"))
+    json_path, image_dir = resolve_split(
+        Path(dataset or section("generate").get("out", "data/synthetic")), split, images
+    )
     path = select_calibration_set(
-        root / "train.json",
-        root / "train",
+        json_path,
+        image_dir,
         Path(pick(out, p, "out", "data/calibration")),
         num_images=pick(num_images, p, "num_images", 512),
         strategy=pick(strategy, p, "strategy", "class-balanced"),

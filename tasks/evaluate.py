@@ -22,13 +22,14 @@ def evaluate(
     dataset_md5: str | None,
     limit: int,
     timing: dict[str, Any],
+    image_dir: str | None = None,
 ) -> dict[str, Any]:
     """mAP (pycocotools) on the first `limit` images and batch-1 end-to-end latency.
 
     `engine_sha256` and `dataset_md5` are inputs only so that the cache key follows content.
     """
     logger = get_run_logger()
-    ds = load_coco(Path(dataset_json))
+    ds = load_coco(Path(dataset_json), Path(image_dir) if image_dir else None)
     # one bar per engine for a person at a terminal; none in logs and CI
     result = evaluate_engine(Path(engine), ds, limit=limit, progress=sys.stderr.isatty())
     stats = engine_latency(Path(engine), batch=1, plan=TimingPlan(**timing))

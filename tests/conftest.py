@@ -44,6 +44,7 @@ SLOW_MODULES = {
     "tests/flows/test_deployment.py",
     "tests/flows/test_optimize_flow.py",
     "tests/test_dvc_pipeline.py",
+    "tests/test_byo.py",
 }
 
 
