@@ -207,7 +207,7 @@ def track_log(
 
 @app.command("compare")
 def compare_command(limit: int = typer.Option(20, help="Runs to show, newest first.")) -> None:
-    """Print a comparison table of the latest MLflow runs."""
+    """Print a comparison table of the latest MLflow runs (the key columns on a narrow terminal)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -216,13 +216,20 @@ def compare_command(limit: int = typer.Option(20, help="Runs to show, newest fir
 
     opt = section("optimize")
     rows = compare_runs(local_store(opt.get("mlflow_root", "mlflow")), opt.get("experiment", "ssdopt"), limit)
-    table = Table(title="MLflow runs")
-    titles = ["run"] + [title for _, title, _ in COLUMNS]
-    for title in titles:
-        table.add_column(title)
+    console = Console()
+    wide = console.width >= 120
+    keys = ("mAP", "ΔmAP pts", "p50 ms", "p99 ms") if not wide else None
+    titles = [title for _, title, _ in COLUMNS if wide or title in keys]
+    table = Table(title="MLflow runs", show_edge=wide, pad_edge=wide)
+    for title in ["run"] + (titles if wide else ["engine", "status", *titles]):
+        table.add_column(title, overflow="fold")
     for row, shown in zip(rows, format_rows(rows), strict=True):
-        table.add_row(row["run_id"][:8], *(shown[t] for t in titles[1:]))
-    Console().print(table)
+        if wide:
+            table.add_row(row["run_id"][:8], *(shown[t] for t in titles))
+        else:  # 80 columns: backend and precision in one cell, the status mark alone
+            engine = f"{row.get('backend')} {row.get('precision')}"
+            table.add_row(row["run_id"][:8], engine, shown["status"][:1], *(shown[t] for t in titles))
+    console.print(table)
 
 
 @app.command("serve")

@@ -266,7 +266,11 @@ def log_engine_run(
                 signature=engine_signature(json.loads((engine_dir / "metadata.json").read_text())),
             )
         mlflow.set_tag("ssdopt.model_id", info.model_id)
-    version = _register(store, run.info.run_id, info.model_id, registered_model) if registered_model else None
+    version = (
+        _register(store, run.info.run_id, info.model_id, registered_model, engine_dir)
+        if registered_model
+        else None
+    )
     return run.info.run_id, version
 
 
@@ -289,7 +293,36 @@ def engine_signature(metadata: Mapping[str, Any]):  # noqa: ANN201 - mlflow type
     return ModelSignature(inputs=Schema([TensorSpec(f32, images)]), outputs=Schema(outputs))
 
 
-def _register(store: Store, run_id: str, model_id: str, registered_model: str) -> str:
+def version_tags(engine_dir: Path) -> tuple[dict[str, str], str]:
+    """Tags and description of a registry version, from its engine's metadata: what a reader of the
+    registry wants without opening the run (backend, precision, target, source graph)."""
+    import json
+
+    from ssdopt.backends.device import target_of
+
+    meta = json.loads((Path(engine_dir) / "metadata.json").read_text())
+    target = target_of(meta.get("device") or {})
+    runtime = meta.get("runtime") or {}
+    tags = {
+        "backend": str(meta.get("backend")),
+        "precision": str(meta.get("precision")),
+        "target": target,
+        "runtime_version": str(runtime.get("version")),
+        "engine_sha256": str((meta.get("engine") or {}).get("sha256")),
+    }
+    onnx_sha = (meta.get("source_onnx") or {}).get("sha256") or "?"
+    device = (meta.get("device") or {}).get("name")
+    description = (
+        f"{tags['backend']} {tags['precision']} engine for {target} ({device}), "
+        f"{tags['backend']} {tags['runtime_version']}, built {meta.get('built_at', '?')} from ONNX "
+        f"sha256 {onnx_sha[:16]}"
+    )
+    return tags, description
+
+
+def _register(
+    store: Store, run_id: str, model_id: str, registered_model: str, engine_dir: Path | None = None
+) -> str:
     """Register the logged model `model_id` of the finished run `run_id`; returns the version.
 
     mlflow.register_model prints "Created version ..." to stderr per call: captured here (the caller
@@ -309,6 +342,11 @@ def _register(store: Store, run_id: str, model_id: str, registered_model: str) -
         sys.stderr.write(chatter.getvalue())
         raise
     client.set_model_version_tag(registered_model, version, "run_id", run_id)
+    if engine_dir is not None and (Path(engine_dir) / "metadata.json").is_file():
+        tags, description = version_tags(Path(engine_dir))
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model, version, key, value)
+        client.update_model_version(registered_model, version, description=description)
     return version
 
 
@@ -359,7 +397,7 @@ def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: A
                 return run.info.run_id, str(mv.version)
             model_id = run.data.tags.get("ssdopt.model_id")
             if model_id:  # the process died between the run's end and its registration
-                return run.info.run_id, _register(store, run.info.run_id, model_id, model)
+                return run.info.run_id, _register(store, run.info.run_id, model_id, model, engine_dir)
         tags = {**(kwargs.pop("tags", None) or {}), "ssdopt.engine_sha256": sha}
         return log_engine_run(store, experiment, engine_dir, tags=tags, **kwargs)
 

@@ -92,7 +92,15 @@ def test_gpu_engine_registers_under_its_own_target_and_promotes(tiny_export, pro
     names = sorted(m.name for m in client.search_registered_models())
     assert names == sorted([f"tiny.{cpu_target}", "tiny.cuda-sm90-nvidia-h200"])
     (version,) = client.search_model_versions("name='tiny.cuda-sm90-nvidia-h200'")
+    assert version.tags["backend"] == "onnxruntime" and version.tags["target"] == "cuda-sm90-nvidia-h200"
+    assert version.tags["precision"] == "fp32" and "NVIDIA H200" in version.description
     run = client.get_run(version.run_id)
+    env = {**os.environ, "COLUMNS": "80"}
+    env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
+    table = subprocess.run(
+        [str(SSDOPT), "compare"], cwd=project, env=env, capture_output=True, text=True
+    ).stdout
+    assert "onnxruntime" in table and max(len(line) for line in table.splitlines()) <= 80, table
     assert (
         run.data.params["device"] == "cuda-sm90-nvidia-h200" and run.data.tags["ssdopt.validated"] == "true"
     )
