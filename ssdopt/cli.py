@@ -266,8 +266,12 @@ def summary() -> None:
             table.add_row(name, str(path), "[red]missing[/red]")
             continue
         meta = json.loads(meta_path.read_text())
-        keys = ("splits", "counts", "num_images", "strategy", "model", "num_anchors", "opset")
+        keys = ("counts", "num_images", "strategy", "model", "num_anchors", "opset")
         details = [f"{k}={meta[k]}" for k in keys if k in meta]
+        if isinstance(meta.get("splits"), dict):  # images per split, not the per-class statistics
+            details.append(
+                " / ".join(f"{k} {v.get('images')}" for k, v in meta["splits"].items()) + " images"
+            )
         md5 = output_md5(path)
         if md5:
             details.append(f"dvc md5={md5}")

@@ -93,7 +93,9 @@ def _histograms(metadata: dict[str, Any]) -> str:
 def engine_section(row: dict[str, Any]) -> str:
     """One engine: fusion before/after, fused chains, SSDDecodeNMS position, histograms."""
     path = Path(row["engine"])
-    title = f"{row['backend']} {row['precision']} — {row['graph']} {row['status']}"
+    title = (
+        f"{row['backend']} {row['precision']} — {row['graph']} {row['status']} {row.get('status_name', '')}"
+    )
     parts = [f'<div class="engine"><h3>{_e(title)}</h3><p><code>{_e(path)}</code></p>']
     fusion_path = path / "fusion.json"
     if fusion_path.is_file():
