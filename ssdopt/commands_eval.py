@@ -128,7 +128,15 @@ def evaluate(
         load_split(Path(pick(dataset, p, "dataset", "data/synthetic/val.json")), split, images), limit or None
     )
     result = evaluate_engine(engine, ds)
-    metrics = {"engine": str(engine), "dataset": str(ds.path), "images": len(ds.images), **result.metrics}
+    from ssdopt.dvcinfo import tracked_md5
+
+    metrics = {
+        "engine": str(engine),
+        "dataset": str(ds.path),
+        "dataset_md5": tracked_md5(ds.path),  # DVC's version of it (`dvc add` the folder), else None
+        "images": len(ds.images),
+        **result.metrics,
+    }
     if reference is not None:
         ref = evaluate_engine(reference, ds)
         metrics["agreement"] = agreement(result.detections, ref.detections)

@@ -108,6 +108,9 @@ def test_deploy_your_own_ssd(
     coco = coco_folder(work / "coco", category_ids)
     torchvision_pth(work / "my_ssd.pth", num_classes, full_tail)
 
+    dvc = [str(Path(sys.executable).with_name("dvc")), "-q"]
+    subprocess.run([*dvc, "init", "--no-scm"], cwd=work, check=True, timeout=120)
+    subprocess.run([*dvc, "add", "coco"], cwd=work, check=True, timeout=120)  # the data's version
     out = ssdopt(work, "export", "--checkpoint", "my_ssd.pth", "--dataset", "coco", "--out", "onnx")
     assert "exported to onnx" in out
     exported = json.loads((work / "onnx" / "export.json").read_text())
@@ -133,6 +136,7 @@ def test_deploy_your_own_ssd(
         "--strategy",
         "random",
     )
+    subprocess.run([*dvc, "add", "calibration"], cwd=work, check=True, timeout=120)  # its version too
     engines = {}
     for precision in ("fp32", "int8"):
         out = ssdopt(
@@ -163,14 +167,25 @@ def test_deploy_your_own_ssd(
             f"eval-{precision}.json",
         )
     logged = [ssdopt(work, "track", "log", engines[p], "--evaluation", f"eval-{p}.json") for p in engines]
+    dvc_md5 = yaml.safe_load((work / "coco.dvc").read_text())["outs"][0]["md5"]
+    assert json.loads((work / "eval-int8.json").read_text())["dataset_md5"] == dvc_md5
     from ssdopt.backends.device import deployment_target
 
     registered = f"my-ssd.{deployment_target('cpu')}"
     assert f"{registered}: champion v" in logged[-1]
 
     # detections in the dataset's own category ids
+    import mlflow
+
     from ssdopt.data.coco import load_split
     from ssdopt.evaluate.engine import evaluate_engine
+
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
+    runs = [client.get_run(v.run_id) for v in client.search_model_versions(f"name='{registered}'")]
+    assert {r.data.params["dataset_md5"] for r in runs} == {dvc_md5}
+    int8 = next(r for r in runs if r.data.params["precision"] == "int8")
+    calibration_md5 = yaml.safe_load((work / "calibration.dvc").read_text())["outs"][0]["md5"]
+    assert int8.data.params["calibration_md5"] == calibration_md5
 
     result = evaluate_engine(Path(work / engines["fp32"]), load_split(coco, "val"))
     assert {d["category_id"] for d in result.detections} <= set(category_ids)

@@ -152,7 +152,7 @@ def calibration_version(directory: Path | str, num_images: int | None = None) ->
     set was not produced by `dvc repro` (tests, ad-hoc sets).
     """
     from ssdopt.data.calibration import read_manifest
-    from ssdopt.dvcinfo import output_md5
+    from ssdopt.dvcinfo import tracked_md5
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -163,7 +163,7 @@ def calibration_version(directory: Path | str, num_images: int | None = None) ->
         relative = directory
     return {
         "directory": str(directory),
-        "dvc_md5": output_md5(relative),
+        "dvc_md5": tracked_md5(relative),  # dvc.lock stage output, or a `dvc add`-ed folder
         "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "images_in_set": len(manifest["images"]),
         "images_used": num_images or len(manifest["images"]),

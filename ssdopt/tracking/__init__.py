@@ -537,6 +537,9 @@ def log_evaluated_engine(
         "onnx_sha256": (meta.get("source_onnx") or {}).get("sha256"),
         "runtime_version": (meta.get("runtime") or {}).get("version"),
         "eval_dataset": evaluation.get("dataset"),
+        "dataset_md5": evaluation.get("dataset_md5"),
+        "calibration_md5": (meta.get("calibration") or {}).get("dvc_md5"),
+        "calibration_manifest_sha256": (meta.get("calibration") or {}).get("manifest_sha256"),
         "eval_images": evaluation.get("images"),
     }
     tags = {
