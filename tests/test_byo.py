@@ -180,7 +180,8 @@ def test_deploy_your_own_ssd(
     from ssdopt.data.coco import load_split
     from ssdopt.evaluate.engine import evaluate_engine
 
-    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)  # registry too: an earlier test may have set a global one
     runs = [client.get_run(v.run_id) for v in client.search_model_versions(f"name='{registered}'")]
     assert {r.data.params["dataset_md5"] for r in runs} == {dvc_md5}
     int8 = next(r for r in runs if r.data.params["precision"] == "int8")

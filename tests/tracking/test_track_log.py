@@ -88,7 +88,8 @@ def test_gpu_engine_registers_under_its_own_target_and_promotes(tiny_export, pro
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)  # registry too: an earlier test may have set a global one
     names = sorted(m.name for m in client.search_registered_models())
     assert names == sorted([f"tiny.{cpu_target}", "tiny.cuda-sm90-nvidia-h200"])
     (version,) = client.search_model_versions("name='tiny.cuda-sm90-nvidia-h200'")
