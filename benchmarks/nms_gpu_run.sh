@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One device session for the SSDDecodeNMS CUDA kernel: build, tests, benchmarks, compute-sanitizer.
 # Usage (repo root, GPU machine): OUT=<dir> bash benchmarks/nms_gpu_run.sh
-# Writes $OUT/{nms_gpu_log.txt, nms_pytest.txt, nms_gpu_real.json, nms_gpu_real_before.json,
+# Writes $OUT/{nms_gpu_log.txt, nms_pytest.txt, nms_gpu_real.json, nms_gpu_real_before.json, nms_gpu_real_variant.json,
 #              nms_sanitizer.txt, nms_gpu.json}.
-# Before/after in one call: when .nms_baseline/decode_nms_cuda.cu exists (an older kernel source, git-ignored,
-# carried to the device), a copy of the tree with that kernel is built too and `nms_gpu.py --real` runs in
-# it first (nms_gpu_real_before.json); the current kernel's run merges it (nms_gpu_real.json, "before").
+# Before/after in one call: when $NMS_BASELINE (default .nms_baseline/decode_nms_cuda.cu: an older kernel
+# source, git-ignored, carried to the device) exists, a copy of the tree with that kernel is built too and
+# `nms_gpu.py --real` runs in it first (nms_gpu_real_before.json); the current kernel's run merges it
+# (nms_gpu_real.json, "before"). $NMS_VARIANT (optional, another kernel source) is built and timed the same
+# way, without torchvision, after the current kernel (nms_gpu_real_variant.json): a side measurement only.
 # SKIP_DEFAULT=1 skips the seeded-synthetic benchmark (nms_gpu.json); SKIP_SANITIZER=1 the sanitizers.
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -17,6 +19,9 @@ export SSDOPT_BUILD_DIR=${SSDOPT_BUILD_DIR:-/tmp/ssdopt_build}
 PY=${PY:-python3}
 ROOT=$(pwd)
 BASE=/tmp/nms_baseline_tree
+VAR=/tmp/nms_variant_tree
+NMS_BASELINE=${NMS_BASELINE:-.nms_baseline/decode_nms_cuda.cu}
+NMS_VARIANT=${NMS_VARIANT:-}
 log="$OUT/nms_gpu_log.txt"
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -26,20 +31,35 @@ log="$OUT/nms_gpu_log.txt"
 } >"$log" 2>&1
 start=$(date +%s)
 build() { "$PY" -c "from ssdopt.ops.library import load_torch_ops; print('torch op:', load_torch_ops())"; }
+tree_with_kernel() {  # tree_with_kernel DIR SOURCE: a copy of this tree holding SOURCE as the kernel
+  rm -rf "$1"; mkdir -p "$1"
+  tar --exclude=./.nms_baseline --exclude=./build -cf - . | tar -xf - -C "$1"
+  cp "$2" "$1/plugins/nms/src/cuda/decode_nms_cuda.cu"
+}
 have_base=0
-if [ -f .nms_baseline/decode_nms_cuda.cu ]; then
-  rm -rf "$BASE"; mkdir -p "$BASE"
-  tar --exclude=./.nms_baseline --exclude=./build -cf - . | tar -xf - -C "$BASE"
-  cp .nms_baseline/decode_nms_cuda.cu "$BASE/plugins/nms/src/cuda/decode_nms_cuda.cu"
-  echo "baseline kernel: $(sha256sum "$BASE/plugins/nms/src/cuda/decode_nms_cuda.cu")" >>"$log"
+if [ -f "$NMS_BASELINE" ]; then
+  tree_with_kernel "$BASE" "$NMS_BASELINE"
+  echo "baseline kernel ($NMS_BASELINE): $(sha256sum "$BASE/plugins/nms/src/cuda/decode_nms_cuda.cu")" >>"$log"
   (cd "$BASE" && build) >"$OUT/.base_build.txt" 2>&1 &
   base_pid=$!
   have_base=1
+fi
+have_var=0
+if [ -n "$NMS_VARIANT" ] && [ -f "$NMS_VARIANT" ]; then
+  tree_with_kernel "$VAR" "$NMS_VARIANT"
+  echo "variant kernel ($NMS_VARIANT): $(sha256sum "$VAR/plugins/nms/src/cuda/decode_nms_cuda.cu")" >>"$log"
+  (cd "$VAR" && build) >"$OUT/.var_build.txt" 2>&1 &
+  var_pid=$!
+  have_var=1
 fi
 build >>"$log" 2>&1 || { echo "BUILD FAILED"; tail -80 "$log"; exit 1; }
 if [ $have_base = 1 ]; then
   wait $base_pid && echo "baseline build ok" >>"$log" || { echo "BASELINE BUILD FAILED" >>"$log"; have_base=0; }
   cat "$OUT/.base_build.txt" >>"$log"; rm -f "$OUT/.base_build.txt"
+fi
+if [ $have_var = 1 ]; then
+  wait $var_pid && echo "variant build ok" >>"$log" || { echo "VARIANT BUILD FAILED" >>"$log"; have_var=0; }
+  cat "$OUT/.var_build.txt" >>"$log"; rm -f "$OUT/.var_build.txt"
 fi
 echo "build: $(( $(date +%s) - start )) s" >>"$log"
 
@@ -65,6 +85,11 @@ fi
 timeout 300 "$PY" benchmarks/nms_gpu.py --real --label after --merge-old "$OUT/nms_gpu_real_before.json" \
   --out "$OUT/nms_gpu_real.json" >>"$log" 2>&1
 echo "real benchmark exit $? after $(( $(date +%s) - start )) s" >>"$log"
+if [ $have_var = 1 ]; then
+  (cd "$VAR" && timeout 200 "$PY" benchmarks/nms_gpu.py --real --no-baseline --label variant \
+    --out "$OUT/nms_gpu_real_variant.json") >>"$log" 2>&1
+  echo "real benchmark (variant) exit $? after $(( $(date +%s) - start )) s" >>"$log"
+fi
 
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
   san="$OUT/nms_sanitizer.txt"
@@ -101,5 +126,11 @@ for r in d["rows"]:
         print("     quota 400: graph", round(r["quota400_graph_us"], 1), r["quota400_kernels_us"])
 for r in (d.get("before") or {}).get("rows", []):
     print(f"BEFORE {r['case']:20s} B={r['B']:2d} eager={r['ours_us']:7.1f} graph={r['ours_graph_us']:7.1f}", r["kernels_us"])
+try:
+    for r in json.load(open(sys.argv[1].replace("nms_gpu_real.json", "nms_gpu_real_variant.json")))["rows"]:
+        print(f"VARIANT {r['case']:20s} B={r['B']:2d} eager={r['ours_us']:7.1f} graph={r['ours_graph_us']:7.1f} "
+              f"({r['ours_graph_us_repeat']:7.1f})", r["kernels_us"])
+except OSError:
+    pass
 print(json.dumps(d["summary"]))
 PYEOF

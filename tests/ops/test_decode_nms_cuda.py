@@ -157,6 +157,19 @@ def test_cuda_small_quota_matches_cpu_kernel(
     assert compare_detections(got, cpu, attrs) == []
 
 
+# The random-weight ssdlite320 head (C = 91) scores every (anchor, class) pair about 1/91: classes tie, so the
+# lowest classes fail the quota check and are redone, each only above the check's K-th kept key.
+@pytest.mark.parametrize("batch", [1, 8])  # 1024- and 256-thread blocks (B * C > 512)
+@pytest.mark.parametrize("logit_scale", [0.0, 0.01])  # every score exactly 1/91; nearly equal scores
+def test_cuda_nearly_equal_scores_of_91_classes_match_cpu_kernel(batch, logit_scale):  # noqa: ANN001
+    deltas, logits, anchors = random_head_outputs(
+        batch, 3234, 91, seed=71, logit_scale=logit_scale, background_bias=0.0
+    )
+    got, cpu = run_cuda_and_cpu(deltas, logits, anchors)
+    assert compare_detections(got, cpu) == []
+    assert torch.equal(got[0], cpu[0]) and int(got[0].min()) == 200
+
+
 def test_cuda_reference_model_head_outputs_match_cpu_kernel():
     from pathlib import Path
 

@@ -25,10 +25,13 @@
 //                        selects the best K kept keys and checks the quota: every class that stopped
 //                        short must have stopped at or below the K-th kept key (greedy NMS of a prefix is
 //                        the prefix of the full NMS, so nothing it skipped can reach the output); fewer
-//                        than K kept counts as failed. If no class failed it writes the outputs.
-//   3. redo_kernel       only for images whose check failed (otherwise every block exits at once): the
-//                        failing classes in full, up to 32 blocks of 1024 threads per image, adding their
-//                        further kept keys; the image's last block selects again and writes the outputs.
+//                        than K kept counts as failed. If no class failed it writes the outputs. The
+//                        final selection starts at the first bit where the image's scores differ.
+//   3. redo_kernel       only for images whose check failed (otherwise every block exits at once): one
+//                        block per failing class, as wide as class_kernel's, the class in full but only
+//                        its candidates above the check's K-th kept key (nothing below it can reach the
+//                        output), adding its further kept keys; the image's last block selects again and
+//                        writes the outputs. Sorts run on the bits where a list's keys differ only.
 // General path (class-agnostic, larger top-k or K):
 //   2. segmented top-k   tile_sort_kernel: cub::BlockRadixSort of each 2048-key tile of a segment, on the
 //                        key bits in use only; tile_merge_kernel (segments longer than a tile): a key's
@@ -119,7 +122,7 @@ struct Plan {
   int quota;             // fast path: candidates per class processed before the exactness check
   size_t off_counts, off_merged_counts, off_kept_counts, off_candidates, off_topk, off_gathered, off_merged;
   size_t off_kept, off_final, off_nms_boxes, off_nms_areas, off_nms_flags, off_nms_kept, off_last, total;
-  size_t off_score_max, off_score_min_inv, off_done, off_done_redo, off_fail_list, off_fail_count;
+  size_t off_score_max, off_score_min_inv, off_done, off_done_redo, off_fail_list, off_fail_count, off_kth;
 };
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
@@ -181,6 +184,7 @@ Plan make_plan(const Shape& shape, const Params& params) {
   p.off_last = take(p.fast ? segments * sizeof(uint64_t) : 0);
   p.off_fail_list = take(p.fast ? segments * sizeof(int) : 0);
   p.off_fail_count = take(p.fast ? B * sizeof(int) : 0);
+  p.off_kth = take(p.fast ? B * sizeof(uint64_t) : 0);
   p.total = offset;
   return p;
 }
@@ -203,6 +207,16 @@ struct KeyCodec {
     const uint64_t score_part = class_key >> anchor_bits;
     return (score_part << (class_bits + anchor_bits)) | ((class_mask() - cls) << anchor_bits) |
            (class_key & anchor_mask());
+  }
+  // The smallest class key of class `cls` whose image key is above `image_key` (keys compare as
+  // (score, class_mask - class, anchor_mask - anchor)).
+  __device__ uint64_t class_min_above(uint64_t image_key, int cls) const {
+    const uint64_t score_part = image_key >> (class_bits + anchor_bits);
+    const uint64_t key_class = (image_key >> anchor_bits) & class_mask();  // class_mask - its class
+    const uint64_t mine = class_mask() - static_cast<uint64_t>(cls);
+    if (mine > key_class) return score_part << anchor_bits;                           // same score suffices
+    if (mine == key_class) return ((score_part << anchor_bits) | (image_key & anchor_mask())) + 1;
+    return (score_part + 1) << anchor_bits;                                          // a higher score needed
   }
   __device__ float image_key_score(uint64_t key) const {
     return __uint_as_float(static_cast<uint32_t>(key >> (class_bits + anchor_bits)) + score_base);
@@ -760,7 +774,6 @@ __global__ void output_kernel(const T* __restrict__ deltas, OutputArgs args) {
 
 // ---- fast path: class_kernel + redo_kernel ------------------------------------------------------
 constexpr int kRankSortMax = 256;  // a selection this small is sorted by counting, not by radix passes
-constexpr int kRedoBlocks = 32;    // redo_kernel blocks per image
 
 // 3-bit digits for 1024-thread blocks keep the sorter's counters (and the block) under 48 KB.
 template <int kThreads, int kItems>
@@ -793,6 +806,7 @@ struct FastShared {
   typename cub::BlockScan<int, kThreads>::TempStorage scan;
   int hist[256];
   int digit, greater, selected, count, total_kept, out_base, fails, is_last;
+  unsigned range_hi, range_lo_inv;
 };
 
 struct FastArgs {
@@ -811,6 +825,7 @@ struct FastArgs {
                                  // stopped short of min(count, top_k); 0 otherwise
   int* fail_list;                // [B, C]: classes the exactness check sends to redo_kernel
   int* fail_count;               // [B]
+  uint64_t* kth;                 // [B]: 1 + the K-th kept image key at the check (0: fewer than K kept)
   int* done;                     // [B] class_kernel blocks finished (zeroed by the memset)
   int* done_redo;                // [B] redo_kernel blocks finished (zeroed by the memset)
   int32_t* num_detections;
@@ -868,18 +883,22 @@ __device__ __forceinline__ void load_batch(const uint64_t* keys, int n, int base
   }
 }
 
-// The min(n, k) largest of keys[0, n) (global memory, unique, all within [lo, hi]), sorted descending, into
-// s.keys; returns that count. k <= kFastSortCap. Whole block; ends with a barrier. Radix select from the
-// highest bit where lo and hi differ, 8 bits a pass, counting only the keys of the boundary bucket, until
-// the keys at or above it fit (kRankSortMax when k does, else kFastSortCap); those are gathered and sorted.
+// The min(m, k) largest of the m keys >= min_key among keys[0, n) (global memory, unique, all within
+// [lo, hi]), sorted descending, into s.keys; returns that count. k <= kFastSortCap. Whole block; ends with a
+// barrier. Radix select (of the k largest of all n) from the highest bit where lo and hi differ, 8 bits a
+// pass, counting only the keys of the boundary bucket, until the keys at or above it fit (kRankSortMax when
+// k does, else kFastSortCap); those that are also >= min_key are gathered and sorted, on the bits where lo
+// and hi differ only. (Both sets are upper sets of the keys: their intersection is the smaller one, so it
+// starts with the min(m, k) largest keys >= min_key.)
 template <int kThreads>
 __device__ int block_top_k(const uint64_t* keys, int n, int k, int end_bit, uint64_t hi, uint64_t lo,
-                           FastShared<kThreads>& s) {
+                           FastShared<kThreads>& s, uint64_t min_key = 0) {
   k = min(k, n);
   if (k <= 0) return 0;
   const int lane = threadIdx.x & 31;
   const int cap = k <= kRankSortMax ? kRankSortMax : kFastSortCap;
   int shift = min(end_bit, 64 - __clzll(static_cast<long long>(hi ^ lo)));  // bits at and above are decided
+  const int sort_bits = max(shift, 1);  // every key shares the bits above
   uint64_t prefix = shift >= 64 ? 0 : hi >> shift;  // key >> shift of the boundary bucket
   int greater = 0;   // keys above the boundary bucket
   int selected = n;  // keys with key >> shift >= prefix (always >= k)
@@ -935,7 +954,7 @@ __device__ int block_top_k(const uint64_t* keys, int n, int k, int end_bit, uint
     for (int j = 0; j < kLoadBatch; ++j) {
       const int i = base + j * kThreads + threadIdx.x;
       const uint64_t key = batch[j];
-      const bool in = i < n && (shift >= 64 ? true : (key >> shift) >= prefix);
+      const bool in = i < n && key >= min_key && (shift >= 64 ? true : (key >> shift) >= prefix);
       const unsigned act = __ballot_sync(0xffffffffu, in);
       int slot = 0;
       if (lane == 0 && act != 0) slot = atomicAdd(&s.count, __popc(act));
@@ -945,17 +964,17 @@ __device__ int block_top_k(const uint64_t* keys, int n, int k, int end_bit, uint
     }
   }
   __syncthreads();
-  const int count = min(s.count, kFastSortCap);  // == selected <= cap
+  const int count = min(s.count, kFastSortCap);  // <= selected <= cap (== selected when min_key is 0)
   if (count <= kRankSortMax) {
     rank_sort<kThreads>(s.keys, count);
   } else if (count <= kThreads) {
-    fast_sort<kThreads, 1>(s.keys, count, end_bit, s.u.sort);
+    fast_sort<kThreads, 1>(s.keys, count, sort_bits, s.u.sort);
   } else if constexpr (kFastSortCap / kThreads >= 2) {
-    if (count <= 2 * kThreads) fast_sort<kThreads, 2>(s.keys, count, end_bit, s.u.sort);
-    else fast_sort<kThreads, kFastSortCap / kThreads>(s.keys, count, end_bit, s.u.sort);
+    if (count <= 2 * kThreads) fast_sort<kThreads, 2>(s.keys, count, sort_bits, s.u.sort);
+    else fast_sort<kThreads, kFastSortCap / kThreads>(s.keys, count, sort_bits, s.u.sort);
   }
   __syncthreads();
-  return k;
+  return min(k, count);
 }
 
 // Greedy NMS over the sorted class keys s.keys[0, p), p <= kFastMaxTopK, of `image`; keeps at most
@@ -1067,16 +1086,17 @@ __device__ void append_kept(int kept, int cls, uint64_t skip_from, uint64_t* out
   __syncthreads();
 }
 
-// A class's candidates: select the best `want`, NMS, append the kept ones below `skip_from`.
+// A class's candidates: select the best `want` of those >= min_key (class keys), NMS, append the kept ones
+// below `skip_from`.
 template <typename T, int kThreads>
-__device__ int process_class(const T* deltas, int image, int cls, int want, uint64_t skip_from, const FastArgs& a,
-                             FastShared<kThreads>& s, uint64_t* last_key) {
+__device__ int process_class(const T* deltas, int image, int cls, int want, uint64_t skip_from, uint64_t min_key,
+                             const FastArgs& a, FastShared<kThreads>& s, uint64_t* last_key) {
   const size_t seg = static_cast<size_t>(image) * a.C + cls;
   const int n = a.counts[seg];
   const uint64_t anchor_mask = (uint64_t{1} << a.anchor_bits) - 1;
   const uint64_t hi = (static_cast<uint64_t>(a.score_max[seg]) << a.anchor_bits) | anchor_mask;
   const uint64_t lo = static_cast<uint64_t>(~a.score_min_inv[seg]) << a.anchor_bits;
-  const int p = block_top_k<kThreads>(a.candidates + seg * a.A, n, want, a.class_end_bit, hi, lo, s);
+  const int p = block_top_k<kThreads>(a.candidates + seg * a.A, n, want, a.class_end_bit, hi, lo, s, min_key);
   *last_key = p > 0 ? a.codec.class_to_image_key(s.keys[p - 1], cls) : 0;
   const int kept = class_nms<T, kThreads>(deltas, image, p, a, s);
   append_kept<kThreads>(kept, cls, skip_from, a.kept + static_cast<size_t>(image) * a.kept_capacity,
@@ -1088,24 +1108,53 @@ __device__ int process_class(const T* deltas, int image, int cls, int want, uint
 // keys, sorted. With `check`: classes that stopped short at a key above the K-th kept key (or any class
 // that stopped short, when fewer than K were kept) go to fail_list for redo_kernel, which then finishes
 // the image; otherwise (and always without `check`) the outputs are written here.
+// The image's kept keys lie within the range of its candidates' scores (score_kernel's per-class ranges),
+// so the final selection starts at the first score bit where they differ.
 template <typename T, int kThreads>
 __device__ void finish_image(const T* deltas, int image, bool check, const FastArgs& a, FastShared<kThreads>& s) {
   const int K = a.max_detections;
+  const size_t seg0 = static_cast<size_t>(image) * a.C;
+  if (threadIdx.x == 0) {
+    s.range_hi = 0;
+    s.range_lo_inv = 0;
+  }
+  __syncthreads();
+  unsigned range_hi = 0, range_lo_inv = 0;
+  for (int c = threadIdx.x; c < a.C; c += kThreads) {  // empty classes hold 0 in both
+    range_hi = max(range_hi, a.score_max[seg0 + c]);
+    range_lo_inv = max(range_lo_inv, a.score_min_inv[seg0 + c]);
+  }
+  range_hi = warp_max(range_hi);
+  range_lo_inv = warp_max(range_lo_inv);
+  if ((threadIdx.x & 31) == 0 && range_lo_inv != 0) {
+    atomicMax(&s.range_hi, range_hi);
+    atomicMax(&s.range_lo_inv, range_lo_inv);
+  }
+  __syncthreads();
+  const int low_bits = a.codec.class_bits + a.codec.anchor_bits;
+  const uint64_t low_mask = (uint64_t{1} << low_bits) - 1;
+  uint64_t hi = (uint64_t{1} << a.image_end_bit) - 1, lo = 0;
+  if (s.range_lo_inv != 0) {  // some class has candidates (~(score bits - base) is never 0)
+    hi = (static_cast<uint64_t>(s.range_hi) << low_bits) | low_mask;
+    lo = static_cast<uint64_t>(~s.range_lo_inv) << low_bits;
+  }
   const int total = __ldcg(&a.kept_counts[image]);
   const int num = block_top_k<kThreads>(a.kept + static_cast<size_t>(image) * a.kept_capacity, total, K,
-                                        a.image_end_bit, (uint64_t{1} << a.image_end_bit) - 1, 0, s);
+                                        a.image_end_bit, hi, lo, s);
   if (check) {
     const bool have_kth = num == K;
     const uint64_t kth = have_kth ? s.keys[K - 1] : 0;
     if (threadIdx.x == 0) s.fails = 0;
     __syncthreads();
-    const size_t seg0 = static_cast<size_t>(image) * a.C;
     for (int c = threadIdx.x; c < a.C; c += kThreads) {
       const uint64_t last = __ldcg(&a.last[seg0 + c]);
       if (last != 0 && (!have_kth || last - 1 > kth)) a.fail_list[seg0 + atomicAdd(&s.fails, 1)] = c;
     }
     __syncthreads();
-    if (threadIdx.x == 0) a.fail_count[image] = s.fails;
+    if (threadIdx.x == 0) {
+      a.fail_count[image] = s.fails;
+      a.kth[image] = have_kth ? kth + 1 : 0;
+    }
     if (s.fails > 0) return;  // block-uniform
   }
   for (int i = threadIdx.x; i < K; i += kThreads) {
@@ -1127,13 +1176,13 @@ __device__ void finish_image(const T* deltas, int image, bool check, const FastA
   if (threadIdx.x == 0) a.num_detections[image] = num;
 }
 
-// True in every thread of the block that finished last among the gridDim.x blocks of `image`; the
-// block's global writes are fenced before it counts, and the last block fences before it reads.
+// True in every thread of the block that finished last among the `blocks` blocks of `image` that call this;
+// the block's global writes are fenced before it counts, and the last block fences before it reads.
 template <int kThreads>
-__device__ bool last_block_of_image(int* done, FastShared<kThreads>& s) {
+__device__ bool last_block_of_image(int* done, int blocks, FastShared<kThreads>& s) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) s.is_last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+  if (threadIdx.x == 0) s.is_last = atomicAdd(done, 1) == blocks - 1;
   __syncthreads();
   const bool last = s.is_last;
   if (last) __threadfence();
@@ -1141,9 +1190,11 @@ __device__ bool last_block_of_image(int* done, FastShared<kThreads>& s) {
 }
 
 // One block per (class, image): the class's best min(count, top_k, quota) candidates, NMS, kept keys
-// appended; the image's last block selects, checks the quota and (usually) writes the outputs.
+// appended; the image's last block selects, checks the quota and (usually) writes the outputs. Its blocks
+// mostly wait on memory: the 256-thread version keeps 6 blocks per SM (40 registers) instead of 5.
 template <typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads) class_kernel(const T* __restrict__ deltas, FastArgs a) {
+__global__ void __launch_bounds__(kThreads, kThreads == 256 ? 6 : 1) class_kernel(const T* __restrict__ deltas,
+                                                                                  FastArgs a) {
   __shared__ FastShared<kThreads> s;
   const int cls = blockIdx.x, image = blockIdx.y;
   const size_t seg = static_cast<size_t>(image) * a.C + cls;
@@ -1153,35 +1204,43 @@ __global__ void __launch_bounds__(kThreads) class_kernel(const T* __restrict__ d
   uint64_t last = 0;
   if (target > 0) {  // block-uniform
     uint64_t last_key = 0;
-    const int p = process_class<T, kThreads>(deltas, image, cls, target, ~uint64_t{0}, a, s, &last_key);
+    const int p = process_class<T, kThreads>(deltas, image, cls, target, ~uint64_t{0}, 0, a, s, &last_key);
     if (p < full) last = last_key + 1;
   }
   if (threadIdx.x == 0) a.last[seg] = last;
-  if (last_block_of_image<kThreads>(&a.done[image], s)) finish_image<T, kThreads>(deltas, image, true, a, s);
+  if (last_block_of_image<kThreads>(&a.done[image], static_cast<int>(gridDim.x), s)) {
+    finish_image<T, kThreads>(deltas, image, true, a, s);
+  }
 }
 
-// Grid (kRedoBlocks or fewer, B): for an image whose check failed, the failing classes in full (top_k),
-// adding the kept keys below where class_kernel stopped; the image's last block writes the outputs.
+// Grid (C, B), blocks as wide as class_kernel's: for an image whose check failed, block f < fails redoes
+// failing class f in full (top_k), adding the kept keys below where class_kernel stopped; the other blocks
+// exit at once. Only candidates above the check's K-th kept key can still reach the output (that key and the
+// K - 1 above it stay kept), so a redone class processes only those: greedy NMS of a prefix is the prefix of
+// the full NMS. The image's last working block selects again and writes the outputs.
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) redo_kernel(const T* __restrict__ deltas, FastArgs a) {
   __shared__ FastShared<kThreads> s;
   const int image = blockIdx.y;
   const int fails = a.fail_count[image];
-  if (fails == 0) return;  // class_kernel wrote this image's outputs
+  if (static_cast<int>(blockIdx.x) >= fails) return;  // block-uniform; 0 fails: class_kernel wrote the outputs
   const size_t seg0 = static_cast<size_t>(image) * a.C;
+  const uint64_t kth = a.kth[image];  // 1 + the K-th kept key, 0 when fewer than K were kept
   for (int f = blockIdx.x; f < fails; f += gridDim.x) {
     const int cls = a.fail_list[seg0 + f];
+    const uint64_t min_key = kth != 0 ? a.codec.class_min_above(kth - 1, cls) : 0;
     uint64_t last_key = 0;
-    process_class<T, kThreads>(deltas, image, cls, a.top_k, a.last[seg0 + cls] - 1, a, s, &last_key);
+    process_class<T, kThreads>(deltas, image, cls, a.top_k, a.last[seg0 + cls] - 1, min_key, a, s, &last_key);
   }
-  if (last_block_of_image<kThreads>(&a.done_redo[image], s)) finish_image<T, kThreads>(deltas, image, false, a, s);
+  if (last_block_of_image<kThreads>(&a.done_redo[image], min(fails, static_cast<int>(gridDim.x)), s)) {
+    finish_image<T, kThreads>(deltas, image, false, a, s);
+  }
 }
 
-// redo_kernel always runs 1024-thread blocks: few of them do work, each a class in full.
 template <typename T, int kThreads>
 void launch_fast(const T* deltas, const FastArgs& fa, int B, int C, cudaStream_t stream) {
   class_kernel<T, kThreads><<<dim3(C, B), kThreads, 0, stream>>>(deltas, fa);
-  redo_kernel<T, 1024><<<dim3(std::min(C, kRedoBlocks), B), 1024, 0, stream>>>(deltas, fa);
+  redo_kernel<T, kThreads><<<dim3(C, B), kThreads, 0, stream>>>(deltas, fa);
 }
 
 template <typename T>
@@ -1219,7 +1278,8 @@ cudaError_t launch(const T* deltas, const T* logits, const float* anchors, const
                       counts, reinterpret_cast<const unsigned*>(ws + plan.off_score_max),
                       reinterpret_cast<const unsigned*>(ws + plan.off_score_min_inv), keys_at(plan.off_candidates),
                       keys_at(plan.off_kept), kept_counts, keys_at(plan.off_last), ints_at(plan.off_fail_list),
-                      ints_at(plan.off_fail_count), ints_at(plan.off_done), ints_at(plan.off_done_redo),
+                      ints_at(plan.off_fail_count), keys_at(plan.off_kth), ints_at(plan.off_done),
+                      ints_at(plan.off_done_redo),
                       num_detections, boxes, scores, labels};
     // Few (image, class) blocks: latency decides, 1024 threads each; many: 256 (more blocks per SM).
     if (static_cast<int64_t>(plan.B) * plan.C <= kFastWideSegments) {
