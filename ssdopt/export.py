@@ -61,6 +61,18 @@ class SSDBackboneHead(nn.Module):
         return out["bbox_regression"], out["cls_logits"]
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_source_paths(model) -> None:  # noqa: ANN001 - an onnx_ir.Model
+    """Remove the exporter's per-node Python stack traces: they name this checkout's absolute paths, so
+    the same checkpoint exported from two clones gave two different files (and a modified dvc.lock)."""
+    graphs = [model.graph, *(function for function in model.functions.values())]
+    for graph in graphs:
+        for node in graph.all_nodes():
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
 def _export_both(wrapper: nn.Module, example: torch.Tensor, folded: Path, unfolded: Path, opset: int) -> None:
     """One dynamo export (dynamic batch) saved twice as self-contained files: first as exported (BatchNorm
     nodes kept), then after the exporter's own optimiser (what `optimize=True` runs: constant folding,
@@ -79,8 +91,10 @@ def _export_both(wrapper: nn.Module, example: torch.Tensor, folded: Path, unfold
             external_data=False,
             verbose=False,
         )
+        _drop_source_paths(program.model)
         program.save(str(unfolded), external_data=False)
         program.optimize()
+        _drop_source_paths(program.model)
         program.save(str(folded), external_data=False)
     except Exception as exc:
         raise SsdoptError(

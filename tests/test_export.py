@@ -79,6 +79,16 @@ def test_onnx_files_are_single_checked_opset18_with_dynamic_batch(exported):
         assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
 
 
+def test_onnx_files_name_no_path_of_this_checkout(exported):
+    """The exporter writes each node's Python stack trace (absolute paths) into the file; kept, the same
+    checkpoint exported from two clones differs byte for byte and `dvc repro` rewrites dvc.lock."""
+    out, _ = exported
+    for name in ("model.onnx", "model_unfolded.onnx", "model_nms.onnx"):
+        data = (out / name).read_bytes()
+        assert str(REPO).encode() not in data, name
+        assert b"stack_trace" not in data, name
+
+
 def test_batchnorm_folded_in_one_file_kept_in_the_other(exported):
     out, model = exported
     counts = {}
