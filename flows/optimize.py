@@ -36,11 +36,40 @@ DEFAULT_ENGINES = [
 ]
 
 
+DEVICES = ("auto", "cpu", "cuda", "all")
+
+
+def cuda_present() -> bool:
+    """A usable CUDA device here (torch's view: the GPU engines' runtime)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def engine_list(opt: dict[str, Any], device: str) -> list[dict[str, Any]]:
+    """The engines a run builds, each with its device: `engines` (CPU unless an entry says otherwise)
+    and `gpu_engines` (CUDA). auto: the GPU list only where CUDA is present; all: both lists whatever
+    this machine has (a GPU engine then fails to build, with its reason, as a ❌ row)."""
+    if device not in DEVICES:
+        raise SsdoptError(
+            f"optimize device {device!r}", f"one of {', '.join(DEVICES)}", "fix params.yaml or --device"
+        )
+    cpu = [{"device": "cpu", **e} for e in opt.get("engines", DEFAULT_ENGINES)]
+    gpu = [{"device": "cuda", **e} for e in opt.get("gpu_engines", [])]
+    if device == "cpu":
+        return [e for e in cpu if e["device"] == "cpu"]
+    if device == "cuda":
+        return [e for e in cpu + gpu if e["device"] == "cuda"]
+    return cpu + gpu if device == "all" or cuda_present() else cpu
+
+
 def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     opt = {**params.get("optimize", {}), **{k: v for k, v in overrides.items() if v is not None}}
     build_params = params.get("build", {})
     return {
-        "engines": opt.get("engines", DEFAULT_ENGINES),
+        "engines": engine_list(opt, str(opt.get("device", "auto"))),
         "reference": opt.get("reference", {"backend": "onnxruntime", "precision": "fp32"}),
         "split": opt.get("split", "val"),
         "limit": int(opt.get("eval_images", 300)),
@@ -74,20 +103,29 @@ def optimize(
     engines: list[dict[str, str]] | None = None,
     eval_images: int | None = None,
     dvc_stages: list[str] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Build, evaluate, log and promote every engine of params.yaml `optimize.engines`."""
+    """Build, evaluate, log and promote every engine of params.yaml `optimize.engines` (and
+    `optimize.gpu_engines` where `device` asks for them). Each engine is registered under the
+    deployment target of its own metadata (`<model_name>.cpu-amx`, `<model_name>.cuda-sm90-…`), and
+    promotion runs per target, so GPU and CPU engines never compete."""
     logger = get_run_logger()
     s = _settings(
-        load_params(params_file), {"engines": engines, "eval_images": eval_images, "dvc_stages": dvc_stages}
+        load_params(params_file),
+        {"engines": engines, "eval_images": eval_images, "dvc_stages": dvc_stages, "device": device},
     )
     # dvc_stages empty: data and export are given (tests, external data); nothing is reproduced.
     versions = dvc_repro(list(s["stages"])) if s["stages"] else {}
-    target = deployment_target("cpu")
-    registered = f"{s['model_name']}.{target}"
 
     futures = [
         build.submit(
-            e["backend"], e["precision"], s["onnx"], s["engines_dir"], s["calibration"], e.get("threads")
+            e["backend"],
+            e["precision"],
+            s["onnx"],
+            s["engines_dir"],
+            s["calibration"],
+            e.get("threads"),
+            e["device"],
         )
         for e in s["engines"]
     ]
@@ -100,9 +138,9 @@ def optimize(
         row = {
             "backend": b["backend"],
             "precision": b["precision"],
-            "device": "cpu",
+            "device": b["device"],
             "batch": 1,
-            "target": target,
+            "target": b.get("target") or deployment_target(b["device"]),
         }
         if b["status"] != "built":
             rows.append({**row, "status": "failed", "reason": b["reason"]})
@@ -150,7 +188,8 @@ def optimize(
         res = results[(row["backend"], row["precision"])]
         row["delta_map"] = 100.0 * (row["map"] - reference["map"])
         row["agreement"] = agreement_with(reference["detections"], res["detections"])
-        row["speedup"] = ref_row["p50_ms"] / row["p50_ms"]
+        if row["target"] == ref_row["target"]:  # a speed-up across devices would compare hardware
+            row["speedup"] = ref_row["p50_ms"] / row["p50_ms"]
         problems = validation_problems(row["delta_map"], row["agreement"], s["budget"], s["min_agreement"])
         row["status"] = "invalid" if problems else "validated"
         if problems:
@@ -161,7 +200,6 @@ def optimize(
         "calibration_md5": versions.get("calibration"),
         "dataset_md5": versions.get("synthetic"),
         "onnx_md5": versions.get("onnx"),
-        "device": target,
         "eval_split": s["split"],
         "eval_images": s["limit"],
     }
@@ -171,34 +209,42 @@ def optimize(
                 meta = json.loads((Path(row["engine"]) / "metadata.json").read_text())
                 params = {
                     **common,
+                    "device": row["target"],
                     "backend": row["backend"],
                     "precision": row["precision"],
                     "onnx_sha256": meta["source_onnx"]["sha256"],
                     "calibration_method": (meta.get("calibration") or {}).get("method", "none"),
                     "runtime_version": (meta.get("runtime") or {}).get("version"),
                 }
+                registered = f"{s['model_name']}.{row['target']}"
                 row.update(log_engine(row, params, registered, s["experiment"], s["mlflow_root"]))
     except SsdoptError as exc:  # tracking down after its retries: keep what was measured locally
         note = f"Not logged to MLflow: {exc}\nEngines are kept under {s['engines_dir']}."
         _write_report(Path(s["reports"]) / "optimize.md", f"{markdown_table(rows)}\n\n{note}\n")
         raise
 
-    decision = (
-        promote(registered, s["budget"], s["mlflow_root"])
-        if any(r.get("version") for r in rows)
-        else {"model": registered, "champion": None}
-    )
-    champion = next((r for r in rows if r.get("version") == decision.get("champion")), None)
+    targets = list(dict.fromkeys(r["target"] for r in rows))  # in engine order; the first is the headline
+    decisions: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        registered = f"{s['model_name']}.{target}"
+        decisions[target] = (
+            promote(registered, s["budget"], s["mlflow_root"])
+            if any(r.get("version") for r in rows if r["target"] == target)
+            else {"model": registered, "champion": None}
+        )
 
     table = markdown_table(rows)
     link = ""
-    if champion:
-        link = (
-            f"\n\nChampion: **{registered}** v{champion['version']} ({champion['backend']} "
-            f"{champion['precision']}), MLflow run `{champion['run_id']}` in {decision['tracking_uri']} "
-            f"(`mlflow ui --backend-store-uri {decision['tracking_uri']}` → "
-            f"http://127.0.0.1:5000/#/models/{registered}/versions/{champion['version']})."
-        )
+    for target, decision in decisions.items():
+        champion = _champion_row(rows, target, decision)
+        if champion:
+            registered = decision["model"]
+            link += (
+                f"\n\nChampion: **{registered}** v{champion['version']} ({champion['backend']} "
+                f"{champion['precision']}), MLflow run `{champion['run_id']}` in {decision['tracking_uri']} "
+                f"(`mlflow ui --backend-store-uri {decision['tracking_uri']}` → "
+                f"http://127.0.0.1:5000/#/models/{registered}/versions/{champion['version']})."
+            )
     create_markdown_artifact(
         key="optimize-report",
         markdown=f"# ssdopt optimize\n\n{table}{link}",
@@ -206,9 +252,23 @@ def optimize(
     )
     create_table_artifact(key="optimize-engines", table=format_rows(rows), description="Engines of this run")
     logger.info("\n%s%s", table, link)
-    _write_html_report(rows, s, target)
+    _write_html_report(rows, s, ", ".join(targets))
     _write_report(Path(s["reports"]) / "optimize.md", f"{table}{link}\n")
-    return {"rows": rows, "decision": decision, "registered_model": registered}
+    headline = targets[0] if targets else deployment_target("cpu")
+    return {
+        "rows": rows,
+        "decision": decisions.get(headline, {"model": f"{s['model_name']}.{headline}", "champion": None}),
+        "registered_model": f"{s['model_name']}.{headline}",
+        "decisions": decisions,
+    }
+
+
+def _champion_row(rows: list[dict[str, Any]], target: str, decision: dict[str, Any]) -> dict[str, Any] | None:
+    """The row of this run that holds `target`'s champion version (None: the champion is older)."""
+    champion = decision.get("champion")
+    return next(
+        (r for r in rows if r["target"] == target and champion and r.get("version") == champion), None
+    )
 
 
 def _write_html_report(rows: list[dict[str, Any]], s: dict[str, Any], target: str) -> None:
@@ -285,16 +345,19 @@ def main() -> None:
     except SsdoptError as exc:  # e.g. the tracking server stayed down through every retry
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
-    decision = result["decision"]
     print(markdown_table(result["rows"]), flush=True)
-    champion = decision.get("champion")
-    line = f"champion of {result['registered_model']}: v{champion}" if champion else "no champion"
-    if champion:
-        row = next((r for r in result["rows"] if r.get("version") == champion), None)
+    for target, decision in result["decisions"].items():
+        champion = decision.get("champion")
+        line = (
+            f"champion of {decision['model']}: v{champion}"
+            if champion
+            else f"{decision['model']}: no champion"
+        )
+        row = _champion_row(result["rows"], target, decision)
         if row:
             line += f" ({row['backend']} {row['precision']}, p99 {row['p99_ms']:.2f} ms"
             line += f", mAP {row['map']:.4f})"
-    print(line, flush=True)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

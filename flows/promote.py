@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from ssdopt.backends.device import deployment_target
+from ssdopt.backends.device import local_targets
 from ssdopt.config import load_params
 from tasks.track import promote
 
@@ -13,12 +13,13 @@ from tasks.track import promote
 def promote_flow(
     params_file: str = "params.yaml", targets: list[str] | None = None, budget: float | None = None
 ) -> list[dict]:
-    """Promote within each target's registered model (never across targets)."""
+    """Promote within each target's registered model (never across targets); default: this
+    machine's CPU target and, where a GPU is visible, its GPU target."""
     opt = load_params(params_file).get("optimize", {})
     name = opt.get("model_name", "ssdlite-shapes")
     budget = float(budget if budget is not None else opt.get("map_budget", 1.0))
     decisions = []
-    for target in targets or [deployment_target("cpu")]:
+    for target in targets or local_targets():
         decision = promote(f"{name}.{target}", budget, opt.get("mlflow_root", "mlflow"))
         print(f"{decision['model']}: champion v{decision['champion']} (previous v{decision['previous']})")
         decisions.append(decision)

@@ -137,13 +137,15 @@ def plugin_build(
 
 @app.command("promote")
 def promote_command(
-    target: list[str] = typer.Option(None, help="Deployment target(s); default: this machine's CPU target."),
+    target: list[str] = typer.Option(
+        None, help="Deployment target(s); default: this machine's CPU and GPU targets."
+    ),
     budget: float | None = typer.Option(None, help="mAP budget in points (params: optimize.map_budget)."),
 ) -> None:
     """Apply the promotion policy to existing registered engine versions."""
     import math
 
-    from ssdopt.backends.device import deployment_target
+    from ssdopt.backends.device import local_targets
     from ssdopt.tracking import local_store, promote
 
     opt = section("optimize")
@@ -151,7 +153,7 @@ def promote_command(
     if not (math.isfinite(points) and points >= 0):  # checked before the registry is opened
         raise SsdoptError(f"--budget {points}", "a mAP budget in points >= 0", "pass e.g. --budget 1.0")
     store = local_store(opt.get("mlflow_root", "mlflow"))
-    for name in target or [deployment_target("cpu")]:
+    for name in target or local_targets():
         model = f"{opt.get('model_name', 'ssdlite-shapes')}.{name}"
         decision = promote(store, model, points)
         typer.echo(f"{model}: champion v{decision.champion} (previous v{decision.previous})")

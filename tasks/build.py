@@ -8,25 +8,37 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from ssdopt.backends.base import BuildSpec, CalibrationSpec
+from ssdopt.backends.device import target_of
 from ssdopt.build import build_engine
 
 
 @task(name="build-engine", retries=1, retry_delay_seconds=2)
 def build(
-    backend: str, precision: str, onnx: str, out: str, calibration: dict[str, Any], threads: int | None = None
+    backend: str,
+    precision: str,
+    onnx: str,
+    out: str,
+    calibration: dict[str, Any],
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Build (or reuse: builds are content-addressed) one engine. Failures become a ❌ row, not a crash."""
+    """Build (or reuse: builds are content-addressed) one engine. Failures become a ❌ row, not a crash.
+
+    The result carries the deployment target read from the engine's own metadata."""
     logger = get_run_logger()
-    spec = BuildSpec(precision=precision, calibration=CalibrationSpec(**calibration), threads=threads)
+    base = {"backend": backend, "precision": precision, "device": device}
     try:
+        spec = BuildSpec(
+            precision=precision, device=device, calibration=CalibrationSpec(**calibration), threads=threads
+        )
         engine = build_engine(backend, precision, Path(onnx), Path(out), spec)
     except Exception as exc:  # noqa: BLE001 - reported in the table with its reason
-        logger.warning("%s %s failed to build: %s", backend, precision, exc)
-        return {"backend": backend, "precision": precision, "status": "failed", "reason": str(exc)[:500]}
+        logger.warning("%s %s (%s) failed to build: %s", backend, precision, device, exc)
+        return {**base, "status": "failed", "reason": str(exc)[:500]}
     logger.info("%s %s -> %s", backend, precision, engine.path)
     return {
-        "backend": backend,
-        "precision": precision,
+        **base,
+        "target": target_of(engine.metadata.get("device") or {}),
         "status": "built",
         "engine": str(engine.path),
         "engine_sha256": engine.metadata.get("engine", {}).get("sha256"),

@@ -107,6 +107,12 @@ def deployment_target(device: str = "cpu") -> str:
     return target_of(device_info(device))
 
 
+def local_targets() -> list[str]:
+    """This machine's deployment targets: its CPU's, and its first GPU's where one is visible."""
+    gpu = cuda_info()
+    return [target_of(cpu_info())] + ([target_of(gpu)] if gpu else [])
+
+
 def target_of(info: dict[str, Any]) -> str:
     """The deployment target of a device record (an engine's metadata["device"], or this machine's)."""
     if info.get("kind") == "cuda":  # e.g. cuda-sm90-nvidia-h200: architecture and model

@@ -124,3 +124,55 @@ def test_detect_resolves_a_registry_uri(tiny_project: Path, prefect_harness, tmp
     assert meta["backend"] in {"onnxruntime", "openvino"}
     with pytest.raises(Exception, match="registered engine"):
         resolve_engine_uri(f"models:/{result['registered_model']}@nope", store)
+
+
+def test_engine_list_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.optimize as flow_module
+    from ssdopt.errors import SsdoptError
+
+    opt = {
+        "engines": [{"backend": "onnxruntime", "precision": "fp32"}],
+        "gpu_engines": [{"backend": "torch-aoti", "precision": "fp16"}],
+    }
+    as_pairs = lambda engines: [(e["backend"], e["device"]) for e in engines]  # noqa: E731
+    assert as_pairs(flow_module.engine_list(opt, "cpu")) == [("onnxruntime", "cpu")]
+    assert as_pairs(flow_module.engine_list(opt, "cuda")) == [("torch-aoti", "cuda")]
+    both = [("onnxruntime", "cpu"), ("torch-aoti", "cuda")]
+    assert as_pairs(flow_module.engine_list(opt, "all")) == both
+    for present in (False, True):
+        monkeypatch.setattr(flow_module, "cuda_present", lambda present=present: present)
+        assert as_pairs(flow_module.engine_list(opt, "auto")) == (both if present else both[:1])
+    with pytest.raises(SsdoptError, match="one of auto, cpu, cuda, all"):
+        flow_module.engine_list(opt, "gpu")
+
+
+def test_gpu_engines_without_a_gpu_are_failed_rows_and_cpu_engines_complete(
+    tiny_project: Path, prefect_harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What CI sees with the GPU engine list: each GPU engine a ❌ row with its reason, the CPU engines
+    built, validated and registered under the CPU target only."""
+    import torch
+
+    from flows.optimize import optimize
+    from ssdopt.backends.device import deployment_target
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same outcome on a GPU host
+    params = yaml.safe_load(tiny_project.read_text())
+    params["optimize"]["engines"] = [{"backend": "onnxruntime", "precision": "fp32"}]
+    params["optimize"]["gpu_engines"] = [
+        {"backend": "torch-aoti", "precision": "fp16"},
+        {"backend": "tensorrt", "precision": "fp16"},
+    ]
+    tiny_project.write_text(yaml.safe_dump(params))
+
+    result = optimize(params_file=str(tiny_project), device="all")
+    rows = {(r["backend"], r["precision"]): r for r in result["rows"]}
+    for key, words in ((("torch-aoti", "fp16"), "CUDA"), (("tensorrt", "fp16"), "tensorrt")):
+        assert rows[key]["status"] == "failed" and words in rows[key]["reason"], rows[key]
+        assert rows[key]["device"] == "cuda" and rows[key]["target"].startswith("cuda")
+        assert "version" not in rows[key]
+    cpu = rows[("onnxruntime", "fp32")]
+    assert cpu["status"] == "validated" and cpu["target"] == deployment_target("cpu")
+    assert set(result["decisions"]) == {cpu["target"], rows[("torch-aoti", "fp16")]["target"]}
+    assert result["decisions"][cpu["target"]]["champion"] == cpu["version"]
+    assert result["decisions"][rows[("torch-aoti", "fp16")]["target"]]["champion"] is None
