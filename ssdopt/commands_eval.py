@@ -47,8 +47,11 @@ def bench(
     ),
     peers: str | None = typer.Option(
         None,
-        help="torch-eager,torch-compile (params: bench.peers); the onnxruntime-fp32 accuracy "
-        "reference is always measured.",
+        help="torch-eager,torch-compile[-reduce-overhead|-max-autotune] (params: bench.peers, "
+        "bench.gpu.peers on cuda); the onnxruntime-fp32 accuracy reference is always measured.",
+    ),
+    device: str = typer.Option(
+        "cpu", help="cpu | cuda: where peers and engines run (cuda: params bench.gpu)."
     ),
     batch: int | None = typer.Option(None, help="Batch for latency (params: bench.batch)."),
     limit: int | None = typer.Option(None, help="Images for mAP; 0 = all (params: bench.limit)."),
@@ -58,11 +61,15 @@ def bench(
     quick: bool = typer.Option(False, help="CI size: bench.quick_limit images, short timing plan."),
 ) -> None:
     """Benchmark engines and peers: table, reports/bench.json, bench.md and pareto.png."""
+    from dataclasses import replace
+
     from ssdopt.evaluate.bench import BenchConfig, as_tuple, run_bench
     from ssdopt.evaluate.bench_output import print_table
     from ssdopt.evaluate.latency import TimingPlan
 
     p = section("bench")
+    if device == "cuda":  # the GPU's own engine list, peers and compile bound over the CPU defaults
+        p = {**p, **(p.get("gpu") or {})}
     timing = p.get("timing") or {}
     plan = (
         TimingPlan.quick()
@@ -85,8 +92,9 @@ def bench(
         min_agreement=float(p.get("min_agreement", 0.9)),
         compile_timeout_s=float(p.get("compile_timeout_s", 900)),
         eval_batch=int(p.get("eval_batch", 8)),
-        spec=build_spec_from_params(),
+        spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
+        device=device,
     )
     model_checkpoint = section("model").get("checkpoint", "data/reference/ssdlite320_shapes.safetensors")
     rows = run_bench(

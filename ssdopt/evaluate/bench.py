@@ -29,7 +29,7 @@ from ssdopt.backends.device import cpu_info
 from ssdopt.data.coco import CocoDataset, load_coco, load_split
 from ssdopt.errors import SsdoptError
 from ssdopt.evaluate.engine import agreement, engine_latency, evaluate_engine, validation_problems
-from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_host
+from ssdopt.evaluate.latency import LatencyStats, TimingPlan, time_cuda, time_host
 from ssdopt.fileio import sha256_file
 
 VALIDATED, FAILED_VALIDATION, FAILED_BUILD, NOT_VALIDATED = "✅", "❎", "❌", "❔"
@@ -42,6 +42,13 @@ STATUS_NAMES = {
 BASELINE = ("torch-eager", "fp32")
 REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
 PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
+# torch.compile modes a PyTorch user would pick on a GPU (peer name -> mode; "torch-compile" is default)
+COMPILE_PEERS = {
+    "torch-compile": None,
+    "torch-compile-reduce-overhead": "reduce-overhead",
+    "torch-compile-max-autotune": "max-autotune",
+}
+DEVICES = ("cpu", "cuda")
 NMS_GRAPH = "model_nms.onnx"
 GRAPH_MARKER = "graph.json"
 
@@ -63,6 +70,11 @@ class BenchConfig:
     spec: BuildSpec = field(default_factory=BuildSpec)
     extra_engines: tuple[Path, ...] = ()
     progress: bool = True
+    device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise SsdoptError(f"--device {self.device}", f"one of {', '.join(DEVICES)}", "fix the flag")
 
 
 @dataclass
@@ -208,10 +220,25 @@ def _torch_images(size: int, batch: int, seed: int = 0) -> list[Any]:
     return list(torch.rand(batch, 3, size, size, generator=generator))
 
 
-def _torch_predict(model: Any, ctx: BenchContext, batch_size: int) -> list[dict[str, Any]]:
+def _torch_predict(
+    model: Any, ctx: BenchContext, batch_size: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     from ssdopt.evaluate.accuracy import predict_dataset
 
-    return predict_dataset(model, ctx.dataset, batch_size=batch_size, progress=False)
+    return predict_dataset(model, ctx.dataset, batch_size=batch_size, device=device, progress=False)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        from ssdopt.backends.device import cuda_info
+
+        return (cuda_info() or {}).get("name") or "cuda"
+    return _cpu_name()
+
+
+def _time_torch(fn: Callable[[], object], device: str, plan: TimingPlan, batch: int) -> LatencyStats:
+    """Host clock on the CPU; CUDA events on the GPU (images resident there)."""
+    return time_cuda(fn, plan, batch) if device == "cuda" else time_host(fn, plan, batch)
 
 
 def _map(ctx: BenchContext, detections: list[dict[str, Any]]) -> float | None:
@@ -227,13 +254,16 @@ def _param_mb(model: Any) -> float:
 
 def eager_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
     """torchvision eager fp32, its own transform and post-processing: the baseline."""
+    import copy
+
     import torch
 
-    row = _row("torch-eager", "fp32", "torchvision SSD", _cpu_name(), cfg.batch)
+    row = _row("torch-eager", "fp32", "torchvision SSD", _device_name(cfg.device), cfg.batch)
+    model = ctx.model if cfg.device == "cpu" else copy.deepcopy(ctx.model).to(cfg.device)
     with torch.inference_mode():
-        detections = _torch_predict(ctx.model, ctx, cfg.eval_batch)
-        images = _torch_images(ctx.image_size, cfg.batch)
-        stats = time_host(lambda: ctx.model(images), cfg.plan, cfg.batch)
+        detections = _torch_predict(model, ctx, cfg.eval_batch, cfg.device)
+        images = [i.to(cfg.device) for i in _torch_images(ctx.image_size, cfg.batch)]
+        stats = _time_torch(lambda: model(images), cfg.device, cfg.plan, cfg.batch)
     row.update(
         size_mb=_param_mb(ctx.model),
         build_s=0.0,
@@ -246,7 +276,12 @@ def eager_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _compile_child(
-    checkpoint: str, dataset_json: str, limit: int | None, cfg: BenchConfig, pipe: Any
+    checkpoint: str,
+    dataset_json: str,
+    limit: int | None,
+    cfg: BenchConfig,
+    pipe: Any,
+    mode: str | None = None,
 ) -> None:
     """Runs in a fresh (spawned) process: a fork after torch used its thread pool hangs (measured), and
     a compile that takes too long must be killable."""
@@ -256,18 +291,21 @@ def _compile_child(
         from ssdopt.models.zoo import load_checkpoint, model_image_size
 
         model, _ = load_checkpoint(checkpoint)
+        model = model.eval().to(cfg.device)
         ds = subset(load_coco(Path(dataset_json)), limit)
         size = model_image_size(model)
         start = time.perf_counter()
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=mode)
         with torch.inference_mode():
-            images = _torch_images(size, cfg.batch)
+            images = [i.to(cfg.device) for i in _torch_images(size, cfg.batch)]
             compiled(images)
             build_s = time.perf_counter() - start
             from ssdopt.evaluate.accuracy import predict_dataset
 
-            detections = predict_dataset(compiled, ds, batch_size=cfg.batch, progress=False)
-            stats = time_host(lambda: compiled(images), cfg.plan, cfg.batch)
+            detections = predict_dataset(
+                compiled, ds, batch_size=cfg.batch, device=cfg.device, progress=False
+            )
+            stats = _time_torch(lambda: compiled(images), cfg.device, cfg.plan, cfg.batch)
         pipe.send({"ok": True, "build_s": build_s, "detections": detections, "latency": stats.as_dict()})
     except BaseException as exc:  # noqa: BLE001 - reported as the row's reason
         pipe.send({"ok": False, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
@@ -275,15 +313,18 @@ def _compile_child(
         pipe.close()
 
 
-def compile_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
-    """`torch.compile` default of the same model; ❌ with the reason if it fails or exceeds the timeout."""
-    row = _row("torch-compile", "fp32", "torchvision SSD, torch.compile default", _cpu_name(), cfg.batch)
+def compile_row(ctx: BenchContext, cfg: BenchConfig, peer: str = "torch-compile") -> dict[str, Any]:
+    """`torch.compile` of the whole torchvision detector (post-processing included) in one of its modes;
+    ❌ with the reason if it fails or exceeds the timeout (the build time is bounded, not unlimited)."""
+    mode = COMPILE_PEERS[peer]
+    label = f"torchvision SSD, torch.compile {mode or 'default'}"
+    row = _row(peer, "fp32", label, _device_name(cfg.device), cfg.batch)
     if ctx.checkpoint is None:
         row["reason"] = "torch.compile runs in a fresh process from a checkpoint file; none was given"
         return row
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    args = (str(ctx.checkpoint), str(ctx.dataset.path), len(ctx.dataset.images), cfg, send)
+    args = (str(ctx.checkpoint), str(ctx.dataset.path), len(ctx.dataset.images), cfg, send, mode)
     child = context.Process(target=_compile_child, args=args, daemon=True)
     child.start()
     send.close()
@@ -339,15 +380,22 @@ def measure_engine(
 
 
 def engine_row(
-    backend: str, precision: str, graph: Path, ctx: BenchContext, cfg: BenchConfig, label: str
+    backend: str,
+    precision: str,
+    graph: Path,
+    ctx: BenchContext,
+    cfg: BenchConfig,
+    label: str,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) one engine and measure it; any build failure becomes ❌ with its reason."""
     from ssdopt.build import build_engine
 
-    row = _row(backend, precision, label, _cpu_name(), cfg.batch)
+    device = device or cfg.device
+    row = _row(backend, precision, label, _device_name(device), cfg.batch)
     try:
         runtime = get_backend(backend)
-        spec = replace(cfg.spec, max_batch=max(cfg.spec.max_batch, cfg.batch, cfg.eval_batch))
+        spec = replace(cfg.spec, device=device, max_batch=max(cfg.spec.max_batch, cfg.batch, cfg.eval_batch))
         device = spec.device if spec.device in runtime.devices else runtime.devices[0]
         runtime.available(device).require(backend, precision)  # type: ignore[call-arg]
         engine = build_engine(
@@ -367,7 +415,7 @@ def engine_row(
 def extra_engine_row(path: Path, ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
     """A prebuilt engine directory (e.g. from `ssdopt build`), measured like the others."""
     engine = Engine.open(path)
-    row = _row(engine.backend, engine.precision, f"engine {path.name}", _cpu_name(), cfg.batch)
+    row = _row(engine.backend, engine.precision, f"engine {path.name}", _device_name(cfg.device), cfg.batch)
     size = engine.metadata.get("input", {}).get("shape", [None, None, None, None])[2]
     if isinstance(size, int) and size != ctx.image_size:
         raise SsdoptError(
@@ -434,8 +482,11 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
     """(label, thunk) per row, in table order."""
     jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = []
-    if "torch-compile" in cfg.peers:
-        jobs.append(("torch.compile", lambda: compile_row(ctx, cfg)))
+    for peer in COMPILE_PEERS:
+        if peer in cfg.peers:
+            jobs.append(
+                (peer.replace("torch-compile", "torch.compile"), lambda p=peer: compile_row(ctx, cfg, p))
+            )
     if "torch-eager" in cfg.peers:
         jobs.append(("torch eager", lambda: eager_row(ctx, cfg)))
     # The accuracy reference of every row: measured whatever `--peers` says (without it no row could be
@@ -444,7 +495,7 @@ def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[
     jobs.append(
         (
             "onnxruntime fp32 (head)",
-            lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode"),
+            lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode", "cpu"),
         )
     )
     for backend in cfg.backends:
@@ -462,7 +513,7 @@ def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[
     return jobs
 
 
-_ORDER = {("torch-eager", "fp32"): 0, ("torch-compile", "fp32"): 1}
+_ORDER = {("torch-eager", "fp32"): 0, **{(peer, "fp32"): 1 for peer in COMPILE_PEERS}}
 
 
 def run_rows(ctx: BenchContext, cfg: BenchConfig) -> list[dict[str, Any]]:
@@ -520,6 +571,13 @@ def run_bench_model(
 
     if cfg.batch < 1:
         raise SsdoptError("--batch", f"a positive batch size, got {cfg.batch}", "pass e.g. --batch 1")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SsdoptError(
+                "--device cuda", "a CUDA device visible to torch", "run on a GPU host, or --device cpu"
+            )
     work = Path(work_dir)
     export_dir = export_for_bench(model, meta, checkpoint, work)
     image_size = int(json.loads((export_dir / "export.json").read_text())["image_size"])
@@ -558,6 +616,7 @@ def _context_record(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": cpu_info(),
+            **({"gpu": _gpu_record()} if cfg.device == "cuda" else {}),
             "threads": cpu_threads(),
             "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(),
@@ -569,6 +628,7 @@ def _context_record(
         "dataset": str(ds.path),
         "images": len(ds.images),
         "batch": cfg.batch,
+        "device": cfg.device,
         "plan": {
             "warmup_s": cfg.plan.warmup_s,
             "min_duration_s": cfg.plan.min_duration_s,
@@ -578,6 +638,14 @@ def _context_record(
         "min_agreement": cfg.min_agreement,
         "legend": STATUS_NAMES,
     }
+
+
+def _gpu_record() -> dict[str, Any]:
+    import torch
+
+    from ssdopt.backends.device import cuda_info
+
+    return {**(cuda_info() or {}), "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
 def as_tuple(values: Iterable[str] | str | None) -> tuple[str, ...]:

@@ -126,12 +126,12 @@ def test_no_reference_means_not_validated_never_a_check_mark(bench_run, tmp_path
 
     real = bench.engine_row
 
-    def reference_fails(backend, precision, graph_path, ctx, cfg, graph):  # noqa: ANN001, ANN202
+    def reference_fails(backend, precision, graph_path, ctx, cfg, graph, device=None):  # noqa: ANN001, ANN202
         if graph.startswith("head"):
             row = bench._row(backend, precision, graph, "cpu", cfg.batch)
             row["reason"] = "simulated build failure"
             return row
-        return real(backend, precision, graph_path, ctx, cfg, graph)
+        return real(backend, precision, graph_path, ctx, cfg, graph, device)
 
     monkeypatch.setattr(bench, "engine_row", reference_fails)
     rows = _quick_bench(bench_run, tmp_path / "reports")
@@ -141,3 +141,36 @@ def test_no_reference_means_not_validated_never_a_check_mark(bench_run, tmp_path
         assert "no ONNX Runtime fp32 reference: simulated build failure" in row["reason"]
     md = (tmp_path / "reports" / "bench.md").read_text()
     assert "✅" not in md.split("| backend |", 1)[1] and "❔" in md
+
+
+def test_gpu_plan_keeps_the_accuracy_reference_on_the_cpu(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """`bench --device cuda`: engines and torch peers on the GPU, every torch.compile mode asked for
+    as its own row, the ONNX Runtime fp32 reference on the CPU (GPU ΔmAP is against the CPU fp32)."""
+    import ssdopt.evaluate.bench as bench
+    from ssdopt.errors import SsdoptError
+
+    calls = []
+    record = lambda *a: calls.append(("engine", a[0], a[1], a[6] if len(a) > 6 else None))  # noqa: E731
+    monkeypatch.setattr(bench, "engine_row", record)
+    monkeypatch.setattr(bench, "compile_row", lambda ctx, cfg, peer: calls.append(("compile", peer)))
+    cfg = bench.BenchConfig(
+        backends=("torch-aoti",),
+        precisions=("fp16",),
+        peers=("torch-compile-reduce-overhead", "torch-compile-max-autotune"),
+        device="cuda",
+    )
+    ctx = bench.BenchContext(None, None, tmp_path, tmp_path / "nms.onnx", tmp_path, 64)  # type: ignore[arg-type]
+    for _, job in bench.plan_rows(ctx, cfg):
+        job()
+    assert ("compile", "torch-compile-reduce-overhead") in calls and (
+        "compile",
+        "torch-compile-max-autotune",
+    ) in calls
+    assert ("engine", "onnxruntime", "fp32", "cpu") in calls and (
+        "engine",
+        "torch-aoti",
+        "fp16",
+        None,
+    ) in calls
+    with pytest.raises(SsdoptError, match="one of cpu, cuda"):
+        bench.BenchConfig(device="gpu")
