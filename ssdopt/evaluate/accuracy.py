@@ -56,7 +56,8 @@ def coco_evaluate(gt: CocoDataset, detections: list[dict[str, Any]]) -> dict[str
     result: dict[str, Any] = {"num_images": len(gt.images), "num_detections": len(detections)}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = coco_dict(gt)
+        # pycocotools before 2.0.11 copies "info" in loadRes and fails without it (seen on the GPU host)
+        coco_gt.dataset = {"info": {}, **coco_dict(gt)}
         coco_gt.createIndex()
         if not detections:
             # pycocotools cannot load an empty result list; with no detections every AP/AR is 0
