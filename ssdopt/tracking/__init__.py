@@ -66,6 +66,8 @@ def local_store(root: Path | str = "mlflow") -> Store:
     root = Path(root).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     lock = root / ".ssdopt-tracking.lock"
+    if uri and uri.startswith(("http://", "https://")):  # a server: its artifact store (S3, proxied)
+        return Store(uri, "", lock)
     if uri:
         return Store(uri, (root / "artifacts").as_uri(), lock)
     root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,7 @@ def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
                 ) from None
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SsdoptError(
-                    exc.filename2 or exc.filename or store.artifact_root,
+                    exc.filename2 or exc.filename or store.artifact_root or store.tracking_uri,
                     f"free space for the run's artifacts ({exc.strerror})",
                     "free disk space and rerun: the cut-short run is marked FAILED and the engine is "
                     "logged again",
@@ -216,7 +218,10 @@ def experiment_id(store: Store, name: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=f"{store.artifact_root}/{name}")
+    # a tracking server keeps artifacts where its --artifacts-destination says (S3 for a team's
+    # server): a client-side file path would put them on this machine's disk, out of the team's reach
+    location = f"{store.artifact_root}/{name}" if store.artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
 
 
 def log_engine_run(
