@@ -145,6 +145,14 @@ def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
         except Exception as exc:
             where = f"MLflow tracking server {redact_uri(store.tracking_uri)}"
             reason = redact_uri(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+            if "/mlflow-artifacts/" in str(exc):  # the server is up; its artifact store (S3) is not
+                raise SsdoptError(
+                    f"the artifact store behind {where} (its --artifacts-destination)",
+                    f"uploads proxied through the server to succeed ({reason[:160]})",
+                    "start the S3-compatible store, or fix the server's MLFLOW_S3_ENDPOINT_URL and "
+                    "credentials, then rerun: the engine is kept on disk, the cut-short run is marked "
+                    "FAILED and no registry version points at it",
+                ) from None
             if _unreachable(exc):
                 retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
                 cause = re.search(
