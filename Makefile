@@ -13,7 +13,7 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: setup run repro test flakes lint clean
+.PHONY: setup run repro test flakes lint clean infra-up infra-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ flakes: setup
 	  then passed=$$((passed + 1)); echo "run $$i: passed ($$(tail -1 /tmp/ssdopt-flakes-$$i.log))"; \
 	  else echo "run $$i: FAILED (log: /tmp/ssdopt-flakes-$$i.log)"; fi; done; \
 	echo "$$passed of $(RUNS) runs passed"; test $$passed -eq $(RUNS)
+
+## A team's servers on loopback (PostgreSQL, S3 via moto, MLflow with basic auth, Prefect), the code
+## tests/infra runs (ssdopt/infra.py); prints the variables to export. State and logs: $(INFRA).
+INFRA ?= .infra
+infra-up: setup
+	$(BIN)/python -m ssdopt.infra up $(INFRA)
+
+infra-down: setup
+	$(BIN)/python -m ssdopt.infra down $(INFRA)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in infra.client_env().items():
                 print(f"export {name}={value}")
         else:
-            Infra.load(root).down()
+            Infra.load(root).down(purge=True)  # the next `up` starts a fresh cluster
             print(f"stopped the servers of {root}")
     except SsdoptError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -45,6 +45,7 @@ SLOW_MODULES = {
     "tests/flows/test_optimize_flow.py",
     "tests/test_dvc_pipeline.py",
     "tests/test_byo.py",
+    "tests/infra/test_shared_mlflow.py",
 }
 
 

@@ -86,7 +86,9 @@ def test_log_register_promote_and_load_champion(as_team: Infra, engines, tmp_pat
     store = tracking.local_store(tmp_path / "mlflow")
     assert tracking.promote(store, model).champion == version
     local = tracking.resolve_engine_uri(f"models:/{model}@champion", store)
-    assert json.loads((local / "metadata.json").read_text()) == json.loads((engine / "metadata.json").read_text())
+    assert json.loads((local / "metadata.json").read_text()) == json.loads(
+        (engine / "metadata.json").read_text()
+    )
     keys = as_team.s3_objects()
     assert any(k.endswith("metadata.json") for k in keys), keys  # the artifacts live in the bucket
     assert not (tmp_path / "mlflow" / "artifacts").exists()  # and not on the client's disk
@@ -98,7 +100,9 @@ def test_compare_reads_the_shared_server(as_team: Infra, engines, tmp_path: Path
     from ssdopt.cli import main
 
     _log(engines["onnxruntime"], tmp_path)
-    (tmp_path / "params.yaml").write_text(f"optimize:\n  experiment: team\n  mlflow_root: {tmp_path}/mlflow\n")
+    (tmp_path / "params.yaml").write_text(
+        f"optimize:\n  experiment: team\n  mlflow_root: {tmp_path}/mlflow\n"
+    )
     sys.argv = ["ssdopt", "compare"]
     try:
         main()
