@@ -46,6 +46,7 @@ SLOW_MODULES = {
     "tests/test_dvc_pipeline.py",
     "tests/test_byo.py",
     "tests/infra/test_shared_mlflow.py",
+    "tests/infra/test_shared_prefect.py",
 }
 
 
