@@ -154,6 +154,7 @@ class Infra:
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": self.admin_password,
             "PREFECT_API_URL": self.prefect_api,
+            "SSDOPT_SERVER_ARTIFACTS": "1",  # artifacts into the server's S3 bucket
         }
 
     def secrets(self) -> list[str]:

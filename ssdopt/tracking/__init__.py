@@ -50,6 +50,9 @@ LOGGED_METRICS = (
 # Bounded HTTP retries against a tracking server (MLflow's defaults: 7 retries, backoff factor 2,
 # about 4 minutes per request). Set only when the user has not set them.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# "1": experiments keep artifacts in the tracking server's store (`--artifacts-destination`, S3 for
+# a team; `make infra-up` exports it), not under a client-side path
+SERVER_ARTIFACTS = "SSDOPT_SERVER_ARTIFACTS"
 WRITER_TAG = "ssdopt.writer"  # host:pid of the process that logged a run (to find runs it left RUNNING)
 _T = TypeVar("_T")
 
@@ -66,7 +69,7 @@ def local_store(root: Path | str = "mlflow") -> Store:
     root = Path(root).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     lock = root / ".ssdopt-tracking.lock"
-    if uri and uri.startswith(("http://", "https://")):  # a server: its artifact store (S3, proxied)
+    if uri and os.environ.get(SERVER_ARTIFACTS) == "1":  # a team's server: its artifact store (S3)
         return Store(uri, "", lock)
     if uri:
         return Store(uri, (root / "artifacts").as_uri(), lock)

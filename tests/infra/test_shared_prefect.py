@@ -89,7 +89,6 @@ def _params(tmp_path: Path, tiny_export, name: str, engines: list[dict], device:
 def test_two_pools_run_at_once(
     infra: Infra, tiny_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mlflow import MlflowClient
 
     env = {**infra.prefect_env(), **infra.client_env(), "PYTHONPATH": str(ROOT)}
     pools = {
@@ -119,9 +118,16 @@ def test_two_pools_run_at_once(
             [sys.executable, "-c", DRIVER, str(ROOT), json.dumps(pools)],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        _check(driver, infra, tmp_path, monkeypatch)
     finally:
         for worker in workers:
             stop_group(worker.pid)
+
+
+def _check(driver, infra: Infra, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runs' states and the shared registry, checked while the workers still run."""
+    from mlflow import MlflowClient
+
     logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("worker-*.log"))
     line = next((x for x in driver.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, f"{driver.stdout[-2000:]}\n{driver.stderr[-3000:]}\n{logs}"
@@ -130,7 +136,7 @@ def test_two_pools_run_at_once(
 
     for name, value in infra.client_env().items():  # basic auth for the client below
         monkeypatch.setenv(name, value)
-    client = MlflowClient(infra.mlflow_url)
+    client = MlflowClient(infra.mlflow_url, infra.mlflow_url)  # the registry too: not a global one
     cpu_model = f"tiny-pools.{CPU_POOL}"
     versions = client.search_model_versions(f"name='{cpu_model}'")
     assert len(versions) == 1, versions
