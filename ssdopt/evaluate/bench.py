@@ -42,6 +42,7 @@ STATUS_NAMES = {
 BASELINE = ("torch-eager", "fp32")
 REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
 PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
+# plus the routes of ssdopt.evaluate.peers (they need the DVC calibration set): params bench.peers
 # torch.compile modes a PyTorch user would pick on a GPU (peer name -> mode; "torch-compile" is default)
 COMPILE_PEERS = {
     "torch-compile": None,
@@ -351,6 +352,71 @@ def compile_row(ctx: BenchContext, cfg: BenchConfig, peer: str = "torch-compile"
     return row
 
 
+# ---------------------------------------------------------------- peer routes (ssdopt.evaluate.peers)
+
+
+def _predict_head_route(
+    head: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    decode: Callable[[np.ndarray, np.ndarray], Any],
+    ctx: BenchContext,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """COCO detections of a network + Python post-processing route over the bench subset."""
+    from ssdopt.data.images import read_image
+    from ssdopt.evaluate.accuracy import detections_to_coco, label_to_category
+
+    size, label_map, out = ctx.image_size, label_to_category(ctx.dataset), []
+    images = ctx.dataset.images
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = np.stack([read_image(ctx.dataset.image_path(im), size=size) for im in chunk])
+        dets = decode(*head(batch))
+        for i, im in enumerate(chunk):
+            n = int(dets.num_detections[i])
+            scale = np.array([im.width / size, im.height / size] * 2, dtype=np.float32)
+            out += detections_to_coco(
+                im.id, dets.boxes[i, :n] * scale, dets.scores[i, :n], dets.labels[i, :n], label_map
+            )
+    return out
+
+
+def peer_route_row(ctx: BenchContext, cfg: BenchConfig, name: str) -> dict[str, Any]:
+    """A peer route (PEER_ROUTES): its own network runtime, torchvision post-processing in Python;
+    mAP audited and latency end to end like every engine; ❌ with the reason when it cannot be built."""
+    import torch
+
+    from ssdopt.evaluate.peers import PEER_ROUTES, torchvision_postprocess
+
+    row = _row(name, "int8", "peer route", _cpu_name(), cfg.batch)
+    try:
+        route = PEER_ROUTES[name](ctx.export_dir, cfg.spec.calibration, ctx.image_size, ctx.engines_dir)
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot be built is a ❌ row, not a crash
+        row["reason"] = _reason(exc)
+        return row
+    anchors = torch.from_numpy(np.load(ctx.export_dir / "anchors.npy"))
+
+    def decode(deltas: np.ndarray, logits: np.ndarray) -> Any:
+        return torchvision_postprocess(ctx.model, anchors, deltas, logits, ctx.image_size)
+
+    images = np.random.default_rng(0).random((cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+    with torch.inference_mode():
+        detections = _predict_head_route(route.head, decode, ctx, cfg.eval_batch)
+        stats = time_host(lambda: decode(*route.head(images)), cfg.plan, cfg.batch)
+        head_stats = time_host(lambda: route.head(images), cfg.plan, cfg.batch)
+    row.update(
+        status=VALIDATED,
+        graph=route.label,
+        size_mb=route.size_mb,
+        build_s=route.build_s,
+        detections=detections,
+        map=_map(ctx, detections),
+        peer=route.metadata,
+        network_p50_ms=head_stats.median_ms,
+    )
+    _set_latency(row, stats)
+    return row
+
+
 # ---------------------------------------------------------------- engines
 
 
@@ -471,12 +537,23 @@ def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
         row["status_name"] = STATUS_NAMES[row["status"]]
 
 
+def is_peer(row: dict[str, Any]) -> bool:
+    """A route a user could take without ssdopt: torch peers, peer routes, ORT fp32 + reference decode."""
+    return row["graph"] != "fused SSDDecodeNMS" and not row["graph"].startswith("engine ")
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup = baseline p50 / row p50 (None without a baseline or a latency)."""
+    """speedup = baseline p50 / row p50 (None without a baseline or a latency); vs_best_peer = p50 of
+    the fastest validated peer route / row p50 (the peer itself is named in `best_peer`)."""
     base = next((r for r in rows if (r["backend"], r["precision"]) == BASELINE and r["p50_ms"]), None)
+    peers = [r for r in rows if is_peer(r) and r["status"] == VALIDATED and r["p50_ms"]]
+    best = min(peers, key=lambda r: r["p50_ms"]) if peers else None
     for row in rows:
         if base is not None and row["p50_ms"]:
             row["speedup"] = base["p50_ms"] / row["p50_ms"]
+        if best is not None and row["p50_ms"]:
+            row["vs_best_peer"] = best["p50_ms"] / row["p50_ms"]
+            row["best_peer"] = f"{best['backend']} {best['precision']} ({best['graph']})"
 
 
 def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -498,6 +575,11 @@ def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[
             lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode", "cpu"),
         )
     )
+    from ssdopt.evaluate.peers import PEER_ROUTES
+
+    for name in PEER_ROUTES:
+        if name in cfg.peers and cfg.device == "cpu":
+            jobs.append((name, lambda n=name: peer_route_row(ctx, cfg, n)))
     for backend in cfg.backends:
         for precision in cfg.precisions:
             jobs.append(

@@ -25,6 +25,7 @@ COLUMNS = (
     ("p99_ms", "p99 ms"),
     ("throughput_ips", "images/s"),
     ("speedup", "speed-up"),
+    ("vs_best_peer", "vs best peer"),
 )
 FORMATS: dict[str, Callable[[Any], str]] = {
     "size_mb": "{:.1f}".format,
@@ -36,6 +37,7 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "p99_ms": "{:.2f}".format,
     "throughput_ips": "{:.1f}".format,
     "speedup": "{:.1f}x".format,
+    "vs_best_peer": "{:.2f}x".format,
 }
 
 
