@@ -72,6 +72,7 @@ class BenchConfig:
     extra_engines: tuple[Path, ...] = ()
     progress: bool = True
     device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
+    split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -498,6 +499,84 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
+# ---------------------------------------------------------------- where the time goes
+
+
+def _head_batch(ctx: BenchContext, batch: int) -> np.ndarray:
+    from ssdopt.data.images import read_image
+
+    images = [ctx.dataset.images[i % len(ctx.dataset.images)] for i in range(batch)]
+    return np.stack([read_image(ctx.dataset.image_path(im), size=ctx.image_size) for im in images])
+
+
+def time_split(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a batch's time goes on the CPU: the network alone in each runtime (the plain export,
+    compiled as our fp32 engines compile it), then on that network's real head outputs (images of the
+    bench set) the fused op called directly (torch.ops.ssdopt.decode_nms), torchvision's Python
+    post-processing and the reference decode. Each fused fp32 engine row gets `network_p50_ms` and
+    `post_in_runtime_ms` = its end to end minus its runtime's network alone (the op inside the runtime
+    plus whatever the boundary costs)."""
+    import onnxruntime as ort
+    import torch
+
+    from ssdopt.backends.base import HeadOutputs
+    from ssdopt.evaluate.peers import torchvision_postprocess
+    from ssdopt.ops import decode_nms
+
+    images = _head_batch(ctx, cfg.batch)
+    model = str(ctx.export_dir / "model.onnx")
+    networks: dict[str, Callable[[], Any]] = {}
+    options = ort.SessionOptions()
+    if cfg.spec.threads:
+        options.intra_op_num_threads = int(cfg.spec.threads)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    networks["onnxruntime"] = lambda: session.run(["box_deltas", "class_logits"], {"images": images})
+    try:
+        import openvino as ov
+
+        from ssdopt.backends.openvino import compile_config
+
+        compiled = ov.Core().compile_model(model, "CPU", compile_config("fp32", cfg.spec.threads))
+        request = compiled.create_infer_request()
+        networks["openvino"] = lambda: request.infer({0: images})
+    except ImportError:
+        pass
+    deltas, logits = session.run(["box_deltas", "class_logits"], {"images": images})
+    info = json.loads((ctx.export_dir / "export.json").read_text())
+    post = info["postprocess"]
+    attributes = {
+        "score_threshold": float(post["score_threshold"]),
+        "iou_threshold": float(post["iou_threshold"]),
+        "pre_nms_top_k": int(post["pre_nms_top_k"]),
+        "max_detections": int(post["max_detections"]),
+        "box_weights": tuple(info["box_coder_weights"]),
+        "image_height": ctx.image_size,
+        "image_width": ctx.image_size,
+    }
+    anchors_np = np.load(ctx.export_dir / "anchors.npy")
+    anchors = torch.from_numpy(anchors_np)
+    d, c = torch.from_numpy(deltas), torch.from_numpy(logits)
+    split: dict[str, Any] = {"batch": cfg.batch, "network_ms": {}, "candidates_above_threshold": None}
+    with torch.inference_mode():
+        for name, fn in networks.items():
+            split["network_ms"][name] = time_host(fn, cfg.plan, cfg.batch).median_ms
+        split["op_direct_ms"] = time_host(lambda: decode_nms(d, c, anchors, **attributes), cfg.plan).median_ms
+        split["torchvision_post_ms"] = time_host(
+            lambda: torchvision_postprocess(ctx.model, anchors, deltas, logits, ctx.image_size), cfg.plan
+        ).median_ms
+        split["reference_decode_ms"] = time_host(
+            lambda: HeadOutputs(deltas, logits).decode(anchors_np, **attributes), cfg.plan
+        ).median_ms
+        scores = torch.softmax(c, dim=-1)[..., 1:]
+        split["candidates_above_threshold"] = int((scores > attributes["score_threshold"]).sum()) / cfg.batch
+    for row in rows:
+        network = split["network_ms"].get(row["backend"])
+        if row["graph"] == "fused SSDDecodeNMS" and row["precision"] == "fp32" and network and row["p50_ms"]:
+            row["network_p50_ms"] = network
+            row["post_in_runtime_ms"] = row["p50_ms"] - network
+    return split
+
+
 # ---------------------------------------------------------------- validation and assembly
 
 
@@ -679,7 +758,10 @@ def run_bench_model(
         checkpoint=checkpoint,
     )
     rows = run_rows(ctx, cfg)
-    write_bench_outputs(rows, Path(out_dir), _context_record(meta, ds, cfg, checkpoint, command))
+    context = _context_record(meta, ds, cfg, checkpoint, command)
+    if cfg.device == "cpu" and cfg.split:
+        context["split"] = time_split(ctx, cfg, rows)
+    write_bench_outputs(rows, Path(out_dir), context)
     write_report(Path(out_dir))
     return rows
 

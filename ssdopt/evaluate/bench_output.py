@@ -88,8 +88,43 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     ]
     if reasons:
         parts += ["## Reasons", "", *reasons, ""]
+    if context.get("split"):
+        parts += split_markdown(rows, context["split"])
     parts += ["![Pareto: latency vs mAP](pareto.png)", ""]
     return "\n".join(parts)
+
+
+def split_markdown(rows: list[dict[str, Any]], split: dict[str, Any]) -> list[str]:
+    """The time split (bench.time_split) as a short section: what each part costs at the bench batch."""
+    lines = [
+        "## Where the time goes",
+        "",
+        f"batch {split['batch']}, real images; {split['candidates_above_threshold']:.0f} candidate "
+        "(anchor, class) scores per image above the score threshold",
+        "",
+        "| part | median ms |",
+        "|---|---|",
+    ]
+    for name, ms in split["network_ms"].items():
+        lines.append(f"| network alone, {name} fp32 (plain export) | {ms:.2f} |")
+    lines += [
+        f"| SSDDecodeNMS called directly (torch.ops.ssdopt.decode_nms) | {split['op_direct_ms']:.2f} |",
+        f"| torchvision SSD.postprocess_detections (Python) | {split['torchvision_post_ms']:.2f} |",
+        f"| reference decode (ssdopt.ops.reference, torch) | {split['reference_decode_ms']:.2f} |",
+    ]
+    for row in rows:
+        if row.get("post_in_runtime_ms") is not None:
+            lines.append(
+                f"| {row['backend']} {row['precision']} fused engine end to end minus its network "
+                f"(SSDDecodeNMS inside the runtime) | {row['post_in_runtime_ms']:.2f} |"
+            )
+        elif row.get("network_p50_ms") is not None and row.get("p50_ms"):
+            lines.append(
+                f"| {row['backend']}: network {row['network_p50_ms']:.2f}, post-processing "
+                f"{row['p50_ms'] - row['network_p50_ms']:.2f} (end to end minus network) | "
+                f"{row['p50_ms']:.2f} |"
+            )
+    return [*lines, ""]
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -112,3 +112,17 @@ def test_missing_calibration_set_is_a_failed_row_with_the_fix(bench_run, tmp_pat
     )
     row = bench.peer_route_row(ctx, cfg, "openvino-nncf")
     assert row["status"] == bench.FAILED_BUILD and "dvc repro calibration" in row["reason"]
+
+
+def test_time_split_is_in_the_outputs(peer_rows) -> None:  # noqa: ANN001
+    """Network alone per runtime, the op directly, torchvision's post-processing: all measured, all in
+    bench_context.json and bench.md; a fused fp32 row's own share is its end to end minus its network."""
+    import json
+
+    rows, out = peer_rows
+    split = json.loads((out / "bench_context.json").read_text())["split"]
+    assert split["network_ms"]["onnxruntime"] > 0
+    assert split["op_direct_ms"] > 0 and split["torchvision_post_ms"] > 0 and split["reference_decode_ms"] > 0
+    fused = next(r for r in rows if r["graph"] == "fused SSDDecodeNMS" and r["backend"] == "onnxruntime")
+    assert fused["post_in_runtime_ms"] == pytest.approx(fused["p50_ms"] - split["network_ms"]["onnxruntime"])
+    assert "## Where the time goes" in (out / "bench.md").read_text()
