@@ -93,6 +93,7 @@ def bench(
         min_agreement=float(p.get("min_agreement", 0.9)),
         compile_timeout_s=float(p.get("compile_timeout_s", 900)),
         eval_batch=int(p.get("eval_batch", 8)),
+        rounds=1 if quick else int(p.get("rounds", 1)),
         spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
         device=device,

@@ -42,6 +42,7 @@ STATUS_NAMES = {
 BASELINE = ("torch-eager", "fp32")
 REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
 PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
+PEER_ROUTE_NAMES = ("openvino-nncf", "onnxruntime-quantize-static")  # = ssdopt.evaluate.peers.PEER_ROUTES
 # plus the routes of ssdopt.evaluate.peers (they need the DVC calibration set): params bench.peers
 # torch.compile modes a PyTorch user would pick on a GPU (peer name -> mode; "torch-compile" is default)
 COMPILE_PEERS = {
@@ -74,6 +75,7 @@ class BenchConfig:
     device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
     split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
     split_rounds: int = 3  # interleaved (engine end to end, network alone) pairs per fused fp32 engine
+    rounds: int = 1  # >= 2: every CPU row timed again in interleaved rounds, ratios per round (interleave)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -595,6 +597,96 @@ def time_split(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) 
     return split
 
 
+# ---------------------------------------------------------------- interleaved rounds
+
+
+def _row_timer(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig) -> tuple[Callable[[], Any], Any]:
+    """(one end-to-end call, closer) re-created for a measured row: engines from their directory, peer
+    routes from their cache, torchvision eager from the model in memory."""
+    import torch
+
+    if row.get("engine"):
+        engine = Engine.open(Path(row["engine"]))
+        runner = get_backend(engine.backend).load(engine.path)
+        images = np.random.default_rng(0).random(
+            (cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32
+        )
+        from ssdopt.evaluate.engine import as_detections
+
+        size = ctx.image_size
+        return (lambda: as_detections(runner.infer(images), engine, size, size)), runner.close
+    if (row["backend"], row["precision"]) == BASELINE:
+        tensors = _torch_images(ctx.image_size, cfg.batch)
+        return (lambda: ctx.model(tensors)), None
+    from ssdopt.evaluate.peers import PEER_ROUTES, torchvision_postprocess
+
+    route = PEER_ROUTES[row["backend"]](ctx.export_dir, cfg.spec.calibration, ctx.image_size, ctx.engines_dir)
+    anchors = torch.from_numpy(np.load(ctx.export_dir / "anchors.npy"))
+    images = np.random.default_rng(0).random((cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+    return (lambda: torchvision_postprocess(ctx.model, anchors, *route.head(images), ctx.image_size)), None
+
+
+def interleave(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Every built CPU row (engines, peer routes, torchvision eager) timed again in `cfg.rounds` rounds,
+    one after another within each round, so the shared machine's load drift hits all alike; per round,
+    each row's ratio to the best peer route and to torchvision eager (median and min–max). The best peer
+    and our best engine are chosen by their median over the rounds. None when rounds < 2."""
+    import torch
+
+    if cfg.rounds < 2 or cfg.device != "cpu":
+        return None
+    timed = [
+        r
+        for r in rows
+        if r["status"] in (VALIDATED, FAILED_VALIDATION)
+        and r["p50_ms"]
+        and (
+            r.get("engine") or r["backend"] in PEER_ROUTE_NAMES or (r["backend"], r["precision"]) == BASELINE
+        )
+    ]
+    timers = [(r, *_row_timer(r, ctx, cfg)) for r in timed]
+    try:
+        with torch.inference_mode():
+            for row, _fn, _ in timers:
+                row["rounds_ms"] = []
+            for _ in range(cfg.rounds):
+                for row, fn, _ in timers:
+                    row["rounds_ms"].append(time_host(fn, cfg.plan, cfg.batch).median_ms)
+    finally:
+        for _, _, close in timers:
+            if close is not None:
+                close()
+    for row in timed:
+        row["rounds_p50_ms"] = float(np.median(row["rounds_ms"]))
+    peers = [r for r in timed if is_peer(r) and r["status"] == VALIDATED]
+    engines = [r for r in timed if not is_peer(r) and r["status"] == VALIDATED]
+    eager = next((r for r in timed if (r["backend"], r["precision"]) == BASELINE), None)
+    best_peer = min(peers, key=lambda r: r["rounds_p50_ms"]) if peers else None
+    summary: dict[str, Any] = {"rounds": cfg.rounds}
+    for row in timed:
+        for key, ref in (("vs_best_peer_rounds", best_peer), ("speedup_rounds", eager)):
+            if ref is not None:
+                ratios = [a / b for a, b in zip(ref["rounds_ms"], row["rounds_ms"], strict=True)]
+                row[key] = ratios
+                row[key.replace("_rounds", "_median")] = float(np.median(ratios))
+                row[key.replace("_rounds", "_range")] = [min(ratios), max(ratios)]
+    if engines:
+        best = min(engines, key=lambda r: r["rounds_p50_ms"])
+        summary["best_engine"] = f"{best['backend']} {best['precision']}"
+        summary["best_engine_ms"] = best["rounds_p50_ms"]
+        for key in ("vs_best_peer", "speedup"):
+            if f"{key}_rounds" in best:
+                summary[key] = {
+                    "rounds": best[f"{key}_rounds"],
+                    "median": best[f"{key}_median"],
+                    "range": best[f"{key}_range"],
+                }
+    if best_peer is not None:
+        summary["best_peer"] = f"{best_peer['backend']} {best_peer['precision']} ({best_peer['graph']})"
+        summary["best_peer_ms"] = best_peer["rounds_p50_ms"]
+    return summary
+
+
 # ---------------------------------------------------------------- validation and assembly
 
 
@@ -777,6 +869,9 @@ def run_bench_model(
     )
     rows = run_rows(ctx, cfg)
     context = _context_record(meta, ds, cfg, checkpoint, command)
+    interleaved = interleave(ctx, cfg, rows)
+    if interleaved is not None:
+        context["interleaved"] = interleaved
     if cfg.device == "cpu" and cfg.split:
         context["split"] = time_split(ctx, cfg, rows)
     write_bench_outputs(rows, Path(out_dir), context)

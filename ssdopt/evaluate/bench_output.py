@@ -88,10 +88,39 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     ]
     if reasons:
         parts += ["## Reasons", "", *reasons, ""]
+    if context.get("interleaved"):
+        parts += interleaved_markdown(rows, context["interleaved"])
     if context.get("split"):
         parts += split_markdown(rows, context["split"])
     parts += ["![Pareto: latency vs mAP](pareto.png)", ""]
     return "\n".join(parts)
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    if row.get(f"{key}_median") is None:
+        return "–"
+    low, high = row[f"{key}_range"]
+    return f"{row[f'{key}_median']:.2f}x ({low:.2f}–{high:.2f})"
+
+
+def interleaved_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """Per-round ratios (bench.interleave): median and min–max over the rounds."""
+    lines = [
+        f"## Interleaved rounds ({summary['rounds']})",
+        "",
+        f"best peer: {summary.get('best_peer')}; our best engine: {summary.get('best_engine')}",
+        "",
+        "| backend | precision | graph | median of round p50 ms | vs best peer (min–max) "
+        "| vs torchvision eager (min–max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("rounds_ms"):
+            lines.append(
+                f"| {row['backend']} | {row['precision']} | {row['graph']} | {row['rounds_p50_ms']:.2f} | "
+                f"{_ratio(row, 'vs_best_peer')} | {_ratio(row, 'speedup')} |"
+            )
+    return [*lines, ""]
 
 
 def split_markdown(rows: list[dict[str, Any]], split: dict[str, Any]) -> list[str]:

@@ -65,6 +65,7 @@ def peer_rows(bench_run, tiny_calibration, tmp_path_factory):  # noqa: ANN001, A
         plan=TimingPlan.quick(),
         eval_batch=4,
         progress=False,
+        rounds=2,
         spec=replace(base.spec, calibration=replace(base.spec.calibration, directory=tiny_calibration)),
     )
     out = tmp_path_factory.mktemp("peer-reports")
@@ -128,3 +129,27 @@ def test_time_split_is_in_the_outputs(peer_rows) -> None:  # noqa: ANN001
     assert len(posts) == 3 and fused["post_in_runtime_ms"] == pytest.approx(float(np.median(posts)))
     assert fused["post_in_runtime_range_ms"] == pytest.approx([min(posts), max(posts)])
     assert "## Where the time goes" in (out / "bench.md").read_text()
+
+
+def test_interleaved_rounds_give_per_round_ratios(peer_rows) -> None:  # noqa: ANN001
+    import json
+
+    from ssdopt.evaluate.bench import PEER_ROUTE_NAMES
+
+    assert PEER_ROUTE_NAMES == tuple(PEER_ROUTES)
+    rows, out = peer_rows
+    summary = json.loads((out / "bench_context.json").read_text())["interleaved"]
+    timed = [r for r in rows if r.get("rounds_ms")]
+    assert {r["backend"] for r in timed} >= {"torch-eager", "onnxruntime", *PEER_ROUTES}
+    best_peer = next(
+        r for r in timed if summary["best_peer"].startswith(f"{r['backend']} {r['precision']} (")
+    )
+    for row in timed:
+        assert len(row["rounds_ms"]) == 2
+        expected = [a / b for a, b in zip(best_peer["rounds_ms"], row["rounds_ms"], strict=True)]
+        assert row["vs_best_peer_rounds"] == pytest.approx(expected)
+        assert row["vs_best_peer_range"] == pytest.approx([min(expected), max(expected)])
+    assert (
+        summary["vs_best_peer"]["median"] > 0
+        and "## Interleaved rounds (2)" in (out / "bench.md").read_text()
+    )
