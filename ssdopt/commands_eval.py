@@ -94,6 +94,7 @@ def bench(
         compile_timeout_s=float(p.get("compile_timeout_s", 900)),
         eval_batch=int(p.get("eval_batch", 8)),
         rounds=1 if quick else int(p.get("rounds", 1)),
+        throughput_batches=() if quick else tuple(int(b) for b in p.get("throughput_batches") or ()),
         spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
         device=device,

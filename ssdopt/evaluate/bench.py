@@ -75,6 +75,7 @@ class BenchConfig:
     device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
     split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
     split_rounds: int = 3  # interleaved (engine end to end, network alone) pairs per fused fp32 engine
+    throughput_batches: tuple[int, ...] = ()  # CPU: best images/s over these batch sizes (throughput_sweep)
     rounds: int = 1  # >= 2: every CPU row timed again in interleaved rounds, ratios per round (interleave)
 
     def __post_init__(self) -> None:
@@ -600,10 +601,14 @@ def time_split(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) 
 # ---------------------------------------------------------------- interleaved rounds
 
 
-def _row_timer(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig) -> tuple[Callable[[], Any], Any]:
+def _row_timer(
+    row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, batch: int | None = None
+) -> tuple[Callable[[], Any], Any]:
     """(one end-to-end call, closer) re-created for a measured row: engines from their directory, peer
     routes from their cache, torchvision eager from the model in memory."""
     import torch
+
+    cfg = replace(cfg, batch=batch or cfg.batch)
 
     if row.get("engine"):
         engine = Engine.open(Path(row["engine"]))
@@ -685,6 +690,38 @@ def interleave(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) 
         summary["best_peer"] = f"{best_peer['backend']} {best_peer['precision']} ({best_peer['graph']})"
         summary["best_peer_ms"] = best_peer["rounds_p50_ms"]
     return summary
+
+
+def throughput_sweep(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> None:
+    """Best images/s over `cfg.throughput_batches` (one synchronous request each) for every built CPU
+    engine and peer route: `best_throughput_ips`, `best_throughput_batch` and `throughput_by_batch`."""
+    import torch
+
+    if not cfg.throughput_batches or cfg.device != "cpu":
+        return
+    plan = replace(cfg.plan, min_duration_s=min(cfg.plan.min_duration_s, 1.0), min_iterations=20)
+    for row in rows:
+        if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row["p50_ms"]:
+            continue
+        if not (row.get("engine") or row["backend"] in PEER_ROUTE_NAMES):
+            continue
+        by_batch: dict[str, float] = {}
+        for batch in cfg.throughput_batches:
+            fn, close = _row_timer(row, ctx, cfg, batch)
+            try:
+                with torch.inference_mode():
+                    by_batch[str(batch)] = time_host(fn, plan, batch).throughput_ips
+            except Exception as exc:  # noqa: BLE001 - e.g. an engine built for a smaller max batch
+                by_batch[str(batch)] = None  # type: ignore[assignment]
+                row.setdefault("throughput_errors", {})[str(batch)] = _reason(exc)
+            finally:
+                if close is not None:
+                    close()
+        measured = {b: v for b, v in by_batch.items() if v}
+        row["throughput_by_batch"] = by_batch
+        if measured:
+            best = max(measured, key=lambda b: measured[b])
+            row.update(best_throughput_ips=measured[best], best_throughput_batch=int(best))
 
 
 # ---------------------------------------------------------------- validation and assembly
@@ -872,6 +909,7 @@ def run_bench_model(
     interleaved = interleave(ctx, cfg, rows)
     if interleaved is not None:
         context["interleaved"] = interleaved
+    throughput_sweep(ctx, cfg, rows)
     if cfg.device == "cpu" and cfg.split:
         context["split"] = time_split(ctx, cfg, rows)
     write_bench_outputs(rows, Path(out_dir), context)

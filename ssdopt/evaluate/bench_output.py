@@ -26,6 +26,7 @@ COLUMNS = (
     ("throughput_ips", "images/s"),
     ("speedup", "speed-up"),
     ("vs_best_peer", "vs best peer"),
+    ("best_throughput_ips", "best img/s (batch)"),
 )
 FORMATS: dict[str, Callable[[Any], str]] = {
     "size_mb": "{:.1f}".format,
@@ -43,6 +44,8 @@ FORMATS: dict[str, Callable[[Any], str]] = {
 
 def cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if key == "best_throughput_ips" and value is not None:
+        return f"{value:.0f} ({row.get('best_throughput_batch')})"
     if value is None and key == "agreement" and row.get("delta_map") is not None:
         return "n/a"  # validated, but the reference had no confident detection to agree with
     if value is None:

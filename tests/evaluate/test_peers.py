@@ -66,6 +66,7 @@ def peer_rows(bench_run, tiny_calibration, tmp_path_factory):  # noqa: ANN001, A
         eval_batch=4,
         progress=False,
         rounds=2,
+        throughput_batches=(1, 2),
         spec=replace(base.spec, calibration=replace(base.spec.calibration, directory=tiny_calibration)),
     )
     out = tmp_path_factory.mktemp("peer-reports")
@@ -153,3 +154,14 @@ def test_interleaved_rounds_give_per_round_ratios(peer_rows) -> None:  # noqa: A
         summary["vs_best_peer"]["median"] > 0
         and "## Interleaved rounds (2)" in (out / "bench.md").read_text()
     )
+
+
+def test_best_throughput_over_batch_sizes(peer_rows) -> None:  # noqa: ANN001
+    rows, _ = peer_rows
+    swept = [r for r in rows if r.get("throughput_by_batch")]
+    assert {r["backend"] for r in swept} >= {"onnxruntime", *PEER_ROUTES}
+    for row in swept:
+        measured = {int(b): v for b, v in row["throughput_by_batch"].items() if v}
+        assert set(measured) == {1, 2}, row.get("throughput_errors")
+        assert row["best_throughput_ips"] == max(measured.values())
+        assert measured[row["best_throughput_batch"]] == row["best_throughput_ips"]
