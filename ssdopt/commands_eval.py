@@ -47,7 +47,8 @@ def bench(
     ),
     peers: str | None = typer.Option(
         None,
-        help="torch-eager,torch-compile[-reduce-overhead|-max-autotune] (params: bench.peers, "
+        help="torch-eager,torch-compile[-reduce-overhead|-max-autotune],openvino-nncf,"
+        "onnxruntime-quantize-static (params: bench.peers, "
         "bench.gpu.peers on cuda); the onnxruntime-fp32 accuracy reference is always measured.",
     ),
     device: str = typer.Option(
@@ -92,6 +93,8 @@ def bench(
         min_agreement=float(p.get("min_agreement", 0.9)),
         compile_timeout_s=float(p.get("compile_timeout_s", 900)),
         eval_batch=int(p.get("eval_batch", 8)),
+        rounds=1 if quick else int(p.get("rounds", 1)),
+        throughput_batches=() if quick else tuple(int(b) for b in p.get("throughput_batches") or ()),
         spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
         device=device,

@@ -42,6 +42,8 @@ STATUS_NAMES = {
 BASELINE = ("torch-eager", "fp32")
 REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_map reference
 PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
+PEER_ROUTE_NAMES = ("openvino-nncf", "onnxruntime-quantize-static")  # = ssdopt.evaluate.peers.PEER_ROUTES
+# plus the routes of ssdopt.evaluate.peers (they need the DVC calibration set): params bench.peers
 # torch.compile modes a PyTorch user would pick on a GPU (peer name -> mode; "torch-compile" is default)
 COMPILE_PEERS = {
     "torch-compile": None,
@@ -71,6 +73,10 @@ class BenchConfig:
     extra_engines: tuple[Path, ...] = ()
     progress: bool = True
     device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
+    split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
+    split_rounds: int = 3  # interleaved (engine end to end, network alone) pairs per fused fp32 engine
+    throughput_batches: tuple[int, ...] = ()  # CPU: best images/s over these batch sizes (throughput_sweep)
+    rounds: int = 1  # >= 2: every CPU row timed again in interleaved rounds, ratios per round (interleave)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -351,6 +357,71 @@ def compile_row(ctx: BenchContext, cfg: BenchConfig, peer: str = "torch-compile"
     return row
 
 
+# ---------------------------------------------------------------- peer routes (ssdopt.evaluate.peers)
+
+
+def _predict_head_route(
+    head: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    decode: Callable[[np.ndarray, np.ndarray], Any],
+    ctx: BenchContext,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """COCO detections of a network + Python post-processing route over the bench subset."""
+    from ssdopt.data.images import read_image
+    from ssdopt.evaluate.accuracy import detections_to_coco, label_to_category
+
+    size, label_map, out = ctx.image_size, label_to_category(ctx.dataset), []
+    images = ctx.dataset.images
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = np.stack([read_image(ctx.dataset.image_path(im), size=size) for im in chunk])
+        dets = decode(*head(batch))
+        for i, im in enumerate(chunk):
+            n = int(dets.num_detections[i])
+            scale = np.array([im.width / size, im.height / size] * 2, dtype=np.float32)
+            out += detections_to_coco(
+                im.id, dets.boxes[i, :n] * scale, dets.scores[i, :n], dets.labels[i, :n], label_map
+            )
+    return out
+
+
+def peer_route_row(ctx: BenchContext, cfg: BenchConfig, name: str) -> dict[str, Any]:
+    """A peer route (PEER_ROUTES): its own network runtime, torchvision post-processing in Python;
+    mAP audited and latency end to end like every engine; ❌ with the reason when it cannot be built."""
+    import torch
+
+    from ssdopt.evaluate.peers import PEER_ROUTES, torchvision_postprocess
+
+    row = _row(name, "int8", "peer route", _cpu_name(), cfg.batch)
+    try:
+        route = PEER_ROUTES[name](ctx.export_dir, cfg.spec.calibration, ctx.image_size, ctx.engines_dir)
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot be built is a ❌ row, not a crash
+        row["reason"] = _reason(exc)
+        return row
+    anchors = torch.from_numpy(np.load(ctx.export_dir / "anchors.npy"))
+
+    def decode(deltas: np.ndarray, logits: np.ndarray) -> Any:
+        return torchvision_postprocess(ctx.model, anchors, deltas, logits, ctx.image_size)
+
+    images = np.random.default_rng(0).random((cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+    with torch.inference_mode():
+        detections = _predict_head_route(route.head, decode, ctx, cfg.eval_batch)
+        stats = time_host(lambda: decode(*route.head(images)), cfg.plan, cfg.batch)
+        head_stats = time_host(lambda: route.head(images), cfg.plan, cfg.batch)
+    row.update(
+        status=VALIDATED,
+        graph=route.label,
+        size_mb=route.size_mb,
+        build_s=route.build_s,
+        detections=detections,
+        map=_map(ctx, detections),
+        peer=route.metadata,
+        network_p50_ms=head_stats.median_ms,
+    )
+    _set_latency(row, stats)
+    return row
+
+
 # ---------------------------------------------------------------- engines
 
 
@@ -432,6 +503,227 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
+# ---------------------------------------------------------------- where the time goes
+
+
+def _head_batch(ctx: BenchContext, batch: int) -> np.ndarray:
+    from ssdopt.data.images import read_image
+
+    images = [ctx.dataset.images[i % len(ctx.dataset.images)] for i in range(batch)]
+    return np.stack([read_image(ctx.dataset.image_path(im), size=ctx.image_size) for im in images])
+
+
+def time_split(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a batch's time goes on the CPU: the network alone in each runtime (the plain export,
+    compiled as our fp32 engines compile it), then on that network's real head outputs (images of the
+    bench set) the fused op called directly (torch.ops.ssdopt.decode_nms), torchvision's Python
+    post-processing and the reference decode. Each fused fp32 engine row gets `network_p50_ms` and
+    `post_in_runtime_ms` = its end to end minus its runtime's network alone (the op inside the runtime
+    plus whatever the boundary costs), the median over `split_rounds` interleaved pairs with their
+    range: on a shared machine, two numbers timed minutes apart differ by the load, not the op."""
+    import onnxruntime as ort
+    import torch
+
+    from ssdopt.backends.base import HeadOutputs
+    from ssdopt.evaluate.peers import torchvision_postprocess
+    from ssdopt.ops import decode_nms
+
+    images = _head_batch(ctx, cfg.batch)
+    model = str(ctx.export_dir / "model.onnx")
+    networks: dict[str, Callable[[], Any]] = {}
+    options = ort.SessionOptions()
+    if cfg.spec.threads:
+        options.intra_op_num_threads = int(cfg.spec.threads)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    networks["onnxruntime"] = lambda: session.run(["box_deltas", "class_logits"], {"images": images})
+    try:
+        import openvino as ov
+
+        from ssdopt.backends.openvino import compile_config
+
+        compiled = ov.Core().compile_model(model, "CPU", compile_config("fp32", cfg.spec.threads))
+        request = compiled.create_infer_request()
+        networks["openvino"] = lambda: request.infer({0: images})
+    except ImportError:
+        pass
+    deltas, logits = session.run(["box_deltas", "class_logits"], {"images": images})
+    info = json.loads((ctx.export_dir / "export.json").read_text())
+    post = info["postprocess"]
+    attributes = {
+        "score_threshold": float(post["score_threshold"]),
+        "iou_threshold": float(post["iou_threshold"]),
+        "pre_nms_top_k": int(post["pre_nms_top_k"]),
+        "max_detections": int(post["max_detections"]),
+        "box_weights": tuple(info["box_coder_weights"]),
+        "image_height": ctx.image_size,
+        "image_width": ctx.image_size,
+    }
+    anchors_np = np.load(ctx.export_dir / "anchors.npy")
+    anchors = torch.from_numpy(anchors_np)
+    d, c = torch.from_numpy(deltas), torch.from_numpy(logits)
+    split: dict[str, Any] = {"batch": cfg.batch, "network_ms": {}, "candidates_above_threshold": None}
+    with torch.inference_mode():
+        for name, fn in networks.items():
+            split["network_ms"][name] = time_host(fn, cfg.plan, cfg.batch).median_ms
+        split["op_direct_ms"] = time_host(lambda: decode_nms(d, c, anchors, **attributes), cfg.plan).median_ms
+        split["torchvision_post_ms"] = time_host(
+            lambda: torchvision_postprocess(ctx.model, anchors, deltas, logits, ctx.image_size), cfg.plan
+        ).median_ms
+        split["reference_decode_ms"] = time_host(
+            lambda: HeadOutputs(deltas, logits).decode(anchors_np, **attributes), cfg.plan
+        ).median_ms
+        scores = torch.softmax(c, dim=-1)[..., 1:]
+        split["candidates_above_threshold"] = int((scores > attributes["score_threshold"]).sum()) / cfg.batch
+    for row in rows:  # each fused fp32 engine against its runtime's network alone, interleaved
+        network_fn = networks.get(row["backend"])
+        if row["graph"] != "fused SSDDecodeNMS" or row["precision"] != "fp32" or not row.get("engine"):
+            continue
+        if network_fn is None:
+            continue
+        engine = Engine.open(Path(row["engine"]))
+        runner = get_backend(engine.backend).load(engine.path)
+        try:
+            rounds = []
+            for _ in range(cfg.split_rounds):  # alternate so the shared machine's load hits both alike
+                e2e = time_host(lambda r=runner: r.infer(images), cfg.plan, cfg.batch).median_ms
+                net = time_host(network_fn, cfg.plan, cfg.batch).median_ms
+                rounds.append({"end_to_end_ms": e2e, "network_ms": net, "post_ms": e2e - net})
+        finally:
+            runner.close()
+        posts = [r["post_ms"] for r in rounds]
+        row["network_p50_ms"] = float(np.median([r["network_ms"] for r in rounds]))
+        row["post_in_runtime_ms"] = float(np.median(posts))
+        row["post_in_runtime_range_ms"] = [min(posts), max(posts)]
+        row["split_rounds"] = rounds
+    return split
+
+
+# ---------------------------------------------------------------- interleaved rounds
+
+
+def _row_timer(
+    row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, batch: int | None = None
+) -> tuple[Callable[[], Any], Any]:
+    """(one end-to-end call, closer) re-created for a measured row: engines from their directory, peer
+    routes from their cache, torchvision eager from the model in memory."""
+    import torch
+
+    cfg = replace(cfg, batch=batch or cfg.batch)
+
+    if row.get("engine"):
+        engine = Engine.open(Path(row["engine"]))
+        runner = get_backend(engine.backend).load(engine.path)
+        images = np.random.default_rng(0).random(
+            (cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32
+        )
+        from ssdopt.evaluate.engine import as_detections
+
+        size = ctx.image_size
+        return (lambda: as_detections(runner.infer(images), engine, size, size)), runner.close
+    if (row["backend"], row["precision"]) == BASELINE:
+        tensors = _torch_images(ctx.image_size, cfg.batch)
+        return (lambda: ctx.model(tensors)), None
+    from ssdopt.evaluate.peers import PEER_ROUTES, torchvision_postprocess
+
+    route = PEER_ROUTES[row["backend"]](ctx.export_dir, cfg.spec.calibration, ctx.image_size, ctx.engines_dir)
+    anchors = torch.from_numpy(np.load(ctx.export_dir / "anchors.npy"))
+    images = np.random.default_rng(0).random((cfg.batch, 3, ctx.image_size, ctx.image_size), dtype=np.float32)
+    return (lambda: torchvision_postprocess(ctx.model, anchors, *route.head(images), ctx.image_size)), None
+
+
+def interleave(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Every built CPU row (engines, peer routes, torchvision eager) timed again in `cfg.rounds` rounds,
+    one after another within each round, so the shared machine's load drift hits all alike; per round,
+    each row's ratio to the best peer route and to torchvision eager (median and min–max). The best peer
+    and our best engine are chosen by their median over the rounds. None when rounds < 2."""
+    import torch
+
+    if cfg.rounds < 2 or cfg.device != "cpu":
+        return None
+    timed = [
+        r
+        for r in rows
+        if r["status"] in (VALIDATED, FAILED_VALIDATION)
+        and r["p50_ms"]
+        and (
+            r.get("engine") or r["backend"] in PEER_ROUTE_NAMES or (r["backend"], r["precision"]) == BASELINE
+        )
+    ]
+    timers = [(r, *_row_timer(r, ctx, cfg)) for r in timed]
+    try:
+        with torch.inference_mode():
+            for row, _fn, _ in timers:
+                row["rounds_ms"] = []
+            for _ in range(cfg.rounds):
+                for row, fn, _ in timers:
+                    row["rounds_ms"].append(time_host(fn, cfg.plan, cfg.batch).median_ms)
+    finally:
+        for _, _, close in timers:
+            if close is not None:
+                close()
+    for row in timed:
+        row["rounds_p50_ms"] = float(np.median(row["rounds_ms"]))
+    peers = [r for r in timed if is_peer(r) and r["status"] == VALIDATED]
+    engines = [r for r in timed if not is_peer(r) and r["status"] == VALIDATED]
+    eager = next((r for r in timed if (r["backend"], r["precision"]) == BASELINE), None)
+    best_peer = min(peers, key=lambda r: r["rounds_p50_ms"]) if peers else None
+    summary: dict[str, Any] = {"rounds": cfg.rounds}
+    for row in timed:
+        for key, ref in (("vs_best_peer_rounds", best_peer), ("speedup_rounds", eager)):
+            if ref is not None:
+                ratios = [a / b for a, b in zip(ref["rounds_ms"], row["rounds_ms"], strict=True)]
+                row[key] = ratios
+                row[key.replace("_rounds", "_median")] = float(np.median(ratios))
+                row[key.replace("_rounds", "_range")] = [min(ratios), max(ratios)]
+    if engines:
+        best = min(engines, key=lambda r: r["rounds_p50_ms"])
+        summary["best_engine"] = f"{best['backend']} {best['precision']}"
+        summary["best_engine_ms"] = best["rounds_p50_ms"]
+        for key in ("vs_best_peer", "speedup"):
+            if f"{key}_rounds" in best:
+                summary[key] = {
+                    "rounds": best[f"{key}_rounds"],
+                    "median": best[f"{key}_median"],
+                    "range": best[f"{key}_range"],
+                }
+    if best_peer is not None:
+        summary["best_peer"] = f"{best_peer['backend']} {best_peer['precision']} ({best_peer['graph']})"
+        summary["best_peer_ms"] = best_peer["rounds_p50_ms"]
+    return summary
+
+
+def throughput_sweep(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> None:
+    """Best images/s over `cfg.throughput_batches` (one synchronous request each) for every built CPU
+    engine and peer route: `best_throughput_ips`, `best_throughput_batch` and `throughput_by_batch`."""
+    import torch
+
+    if not cfg.throughput_batches or cfg.device != "cpu":
+        return
+    plan = replace(cfg.plan, min_duration_s=min(cfg.plan.min_duration_s, 1.0), min_iterations=20)
+    for row in rows:
+        if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row["p50_ms"]:
+            continue
+        if not (row.get("engine") or row["backend"] in PEER_ROUTE_NAMES):
+            continue
+        by_batch: dict[str, float] = {}
+        for batch in cfg.throughput_batches:
+            fn, close = _row_timer(row, ctx, cfg, batch)
+            try:
+                with torch.inference_mode():
+                    by_batch[str(batch)] = time_host(fn, plan, batch).throughput_ips
+            except Exception as exc:  # noqa: BLE001 - e.g. an engine built for a smaller max batch
+                by_batch[str(batch)] = None  # type: ignore[assignment]
+                row.setdefault("throughput_errors", {})[str(batch)] = _reason(exc)
+            finally:
+                if close is not None:
+                    close()
+        measured = {b: v for b, v in by_batch.items() if v}
+        row["throughput_by_batch"] = by_batch
+        if measured:
+            best = max(measured, key=lambda b: measured[b])
+            row.update(best_throughput_ips=measured[best], best_throughput_batch=int(best))
+
+
 # ---------------------------------------------------------------- validation and assembly
 
 
@@ -471,12 +763,23 @@ def validate(rows: list[dict[str, Any]], cfg: BenchConfig) -> None:
         row["status_name"] = STATUS_NAMES[row["status"]]
 
 
+def is_peer(row: dict[str, Any]) -> bool:
+    """A route a user could take without ssdopt: torch peers, peer routes, ORT fp32 + reference decode."""
+    return row["graph"] != "fused SSDDecodeNMS" and not row["graph"].startswith("engine ")
+
+
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """speedup = baseline p50 / row p50 (None without a baseline or a latency)."""
+    """speedup = baseline p50 / row p50 (None without a baseline or a latency); vs_best_peer = p50 of
+    the fastest validated peer route / row p50 (the peer itself is named in `best_peer`)."""
     base = next((r for r in rows if (r["backend"], r["precision"]) == BASELINE and r["p50_ms"]), None)
+    peers = [r for r in rows if is_peer(r) and r["status"] == VALIDATED and r["p50_ms"]]
+    best = min(peers, key=lambda r: r["p50_ms"]) if peers else None
     for row in rows:
         if base is not None and row["p50_ms"]:
             row["speedup"] = base["p50_ms"] / row["p50_ms"]
+        if best is not None and row["p50_ms"]:
+            row["vs_best_peer"] = best["p50_ms"] / row["p50_ms"]
+            row["best_peer"] = f"{best['backend']} {best['precision']} ({best['graph']})"
 
 
 def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -498,6 +801,11 @@ def plan_rows(ctx: BenchContext, cfg: BenchConfig) -> list[tuple[str, Callable[[
             lambda: engine_row("onnxruntime", "fp32", model, ctx, cfg, "head+reference-decode", "cpu"),
         )
     )
+    from ssdopt.evaluate.peers import PEER_ROUTES
+
+    for name in PEER_ROUTES:
+        if name in cfg.peers and cfg.device == "cpu":
+            jobs.append((name, lambda n=name: peer_route_row(ctx, cfg, n)))
     for backend in cfg.backends:
         for precision in cfg.precisions:
             jobs.append(
@@ -597,7 +905,14 @@ def run_bench_model(
         checkpoint=checkpoint,
     )
     rows = run_rows(ctx, cfg)
-    write_bench_outputs(rows, Path(out_dir), _context_record(meta, ds, cfg, checkpoint, command))
+    context = _context_record(meta, ds, cfg, checkpoint, command)
+    interleaved = interleave(ctx, cfg, rows)
+    if interleaved is not None:
+        context["interleaved"] = interleaved
+    throughput_sweep(ctx, cfg, rows)
+    if cfg.device == "cpu" and cfg.split:
+        context["split"] = time_split(ctx, cfg, rows)
+    write_bench_outputs(rows, Path(out_dir), context)
     write_report(Path(out_dir))
     return rows
 

@@ -25,6 +25,8 @@ COLUMNS = (
     ("p99_ms", "p99 ms"),
     ("throughput_ips", "images/s"),
     ("speedup", "speed-up"),
+    ("vs_best_peer", "vs best peer"),
+    ("best_throughput_ips", "best img/s (batch)"),
 )
 FORMATS: dict[str, Callable[[Any], str]] = {
     "size_mb": "{:.1f}".format,
@@ -36,11 +38,14 @@ FORMATS: dict[str, Callable[[Any], str]] = {
     "p99_ms": "{:.2f}".format,
     "throughput_ips": "{:.1f}".format,
     "speedup": "{:.1f}x".format,
+    "vs_best_peer": "{:.2f}x".format,
 }
 
 
 def cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
+    if key == "best_throughput_ips" and value is not None:
+        return f"{value:.0f} ({row.get('best_throughput_batch')})"
     if value is None and key == "agreement" and row.get("delta_map") is not None:
         return "n/a"  # validated, but the reference had no confident detection to agree with
     if value is None:
@@ -86,8 +91,74 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, Any]) -> str:
     ]
     if reasons:
         parts += ["## Reasons", "", *reasons, ""]
+    if context.get("interleaved"):
+        parts += interleaved_markdown(rows, context["interleaved"])
+    if context.get("split"):
+        parts += split_markdown(rows, context["split"])
     parts += ["![Pareto: latency vs mAP](pareto.png)", ""]
     return "\n".join(parts)
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    if row.get(f"{key}_median") is None:
+        return "–"
+    low, high = row[f"{key}_range"]
+    return f"{row[f'{key}_median']:.2f}x ({low:.2f}–{high:.2f})"
+
+
+def interleaved_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """Per-round ratios (bench.interleave): median and min–max over the rounds."""
+    lines = [
+        f"## Interleaved rounds ({summary['rounds']})",
+        "",
+        f"best peer: {summary.get('best_peer')}; our best engine: {summary.get('best_engine')}",
+        "",
+        "| backend | precision | graph | median of round p50 ms | vs best peer (min–max) "
+        "| vs torchvision eager (min–max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("rounds_ms"):
+            lines.append(
+                f"| {row['backend']} | {row['precision']} | {row['graph']} | {row['rounds_p50_ms']:.2f} | "
+                f"{_ratio(row, 'vs_best_peer')} | {_ratio(row, 'speedup')} |"
+            )
+    return [*lines, ""]
+
+
+def split_markdown(rows: list[dict[str, Any]], split: dict[str, Any]) -> list[str]:
+    """The time split (bench.time_split) as a short section: what each part costs at the bench batch."""
+    lines = [
+        "## Where the time goes",
+        "",
+        f"batch {split['batch']}, real images; {split['candidates_above_threshold']:.0f} candidate "
+        "(anchor, class) scores per image above the score threshold",
+        "",
+        "| part | median ms |",
+        "|---|---|",
+    ]
+    for name, ms in split["network_ms"].items():
+        lines.append(f"| network alone, {name} fp32 (plain export) | {ms:.2f} |")
+    lines += [
+        f"| SSDDecodeNMS called directly (torch.ops.ssdopt.decode_nms) | {split['op_direct_ms']:.2f} |",
+        f"| torchvision SSD.postprocess_detections (Python) | {split['torchvision_post_ms']:.2f} |",
+        f"| reference decode (ssdopt.ops.reference, torch) | {split['reference_decode_ms']:.2f} |",
+    ]
+    for row in rows:
+        if row.get("post_in_runtime_ms") is not None:
+            low, high = row["post_in_runtime_range_ms"]
+            lines.append(
+                f"| {row['backend']} {row['precision']} fused engine end to end minus its network, "
+                f"(SSDDecodeNMS inside the runtime; {len(row['split_rounds'])} interleaved rounds, "
+                f"range {low:.2f}–{high:.2f}) | {row['post_in_runtime_ms']:.2f} |"
+            )
+        elif row.get("network_p50_ms") is not None and row.get("p50_ms"):
+            lines.append(
+                f"| {row['backend']}: network {row['network_p50_ms']:.2f}, post-processing "
+                f"{row['p50_ms'] - row['network_p50_ms']:.2f} (end to end minus network) | "
+                f"{row['p50_ms']:.2f} |"
+            )
+    return [*lines, ""]
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
