@@ -13,26 +13,12 @@ loopback, started by ssdopt.infra (the code behind `make infra-up`). Engines are
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 from ssdopt.errors import SsdoptError
-from ssdopt.infra import Infra, pg_bin, stop_group
-
-
-@pytest.fixture(scope="module")
-def infra(tmp_path_factory: pytest.TempPathFactory):
-    try:
-        pg_bin("initdb")
-    except SsdoptError as exc:
-        pytest.skip(f"PostgreSQL cannot be used here: {exc}")
-    started = time.monotonic()
-    servers = Infra(str(tmp_path_factory.mktemp("infra"))).up(prefect=False)
-    print(f"servers up in {time.monotonic() - started:.1f} s")
-    yield servers
-    servers.down(purge=True)
+from ssdopt.infra import Infra, stop_group
 
 
 @pytest.fixture()

@@ -16,8 +16,9 @@ import yaml
 
 from ssdopt.backends.device import deployment_target
 from ssdopt.data.synthetic import generate_dataset
-from ssdopt.errors import SsdoptError
-from ssdopt.infra import Infra, _spawn, _venv_tool, pg_bin, stop_group
+from ssdopt.infra import Infra, _spawn, _venv_tool, stop_group
+
+WITH_PREFECT = True  # tests/infra/conftest.py: the Prefect server too
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_POOL, GPU_POOL = deployment_target("cpu"), "cuda-gpu"
@@ -44,17 +45,6 @@ with get_client(sync_client=True) as client:
         time.sleep(1)
 print("RESULT " + json.dumps({p: [s.type.value, s.message] for p, s in zip(pools, states)}))
 """
-
-
-@pytest.fixture(scope="module")
-def infra(tmp_path_factory: pytest.TempPathFactory):
-    try:
-        pg_bin("initdb")
-    except SsdoptError as exc:
-        pytest.skip(f"PostgreSQL cannot be used here: {exc}")
-    servers = Infra(str(tmp_path_factory.mktemp("infra"))).up()
-    yield servers
-    servers.down(purge=True)
 
 
 def _params(tmp_path: Path, tiny_export, name: str, engines: list[dict], device: str) -> dict:
