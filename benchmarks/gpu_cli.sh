@@ -8,7 +8,11 @@
 #   STEP=peers   OUT=<dir> bash benchmarks/gpu_cli.sh   # bench: torch.compile peers + fp16/bf16 engines
 #   STEP=batch   OUT=<dir> bash benchmarks/gpu_cli.sh   # bench at large batches: throughput
 #   STEP=audit   OUT=<dir> bash benchmarks/gpu_cli.sh   # evaluate fp16 --reference an ONNX Runtime fp32 CPU engine
+#   STEP=sweep   OUT=<dir> bash benchmarks/gpu_cli.sh   # bench: peers + the engines of PRECISIONS, batch 1, and
+#                                                       # their best images/s over BATCHES (--throughput-batches)
 # STEP may name several steps ("audit peers batch"); PEERS overrides the peers step's torch.compile modes.
+# Another checkpoint: CK=<file> TAG=<name> (engines under .gpu/engines/<TAG>-torch-aoti-<precision>), e.g. the
+# trained ssd300_vgg16: CK=artifacts/reference/ssd300_shapes_fp16.safetensors TAG=ssd300 (carried).
 # BUDGET_S (default 560) bounds the whole step: each command gets min(its own limit, what is left), so
 # a step ends inside the device call's 600 s and everything done so far is under $OUT. Logs: $OUT/<step>_log.txt.
 set -uo pipefail
@@ -25,10 +29,11 @@ mkdir -p /tmp/bin
 printf '#!/bin/sh\nexec python3 -c "import sys; sys.argv[0] = \\"ssdopt\\"; from ssdopt.cli import main; main()" "$@"\n' >/tmp/bin/ssdopt
 chmod +x /tmp/bin/ssdopt
 export PATH=/tmp/bin:$PATH
-CK=data/reference/ssdlite320_shapes.safetensors
+CK=${CK:-data/reference/ssdlite320_shapes.safetensors}
+TAG=${TAG:-}
 DS=.gpu/data/val.json
-W=/tmp/gpu_work
-log="$OUT/${STEP// /_}_log.txt"
+W=/tmp/gpu_work${TAG:+_$TAG}
+log="$OUT/${TAG:+${TAG}_}${STEP// /_}_log.txt"
 say() { echo "== $(date -u +%H:%M:%S) +${SECONDS}s $*" | tee -a "$log"; }
 run() {  # run LIMIT CMD...: bounded by LIMIT and by what is left of BUDGET_S
   local limit=$1 left=$((BUDGET_S - SECONDS - 5)); shift
@@ -44,9 +49,13 @@ run() {  # run LIMIT CMD...: bounded by LIMIT and by what is left of BUDGET_S
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)"
   nproc
 } >>"$log" 2>&1
+if [ ! -f "$DS" ]; then  # the val images of the carried .gpu/data, generated here when not carried
+  run 120 ssdopt data generate --out .gpu/data --train 1 --val 300 --test 1 || exit 1
+fi
 
 engine() {  # an engine carried back in .gpu/engines (from an earlier call) is used as it is
-  if [ -f ".gpu/engines/torch-aoti-$1/metadata.json" ]; then echo ".gpu/engines/torch-aoti-$1"; else echo "$W/engines/torch-aoti-$1"; fi
+  local name=${TAG:+$TAG-}torch-aoti-$1
+  if [ -f ".gpu/engines/$name/metadata.json" ]; then echo ".gpu/engines/$name"; else echo "$W/engines/$name"; fi
 }
 build() {  # build one torch-aoti CUDA engine at a stable path (from the export, as `make run` does)
   [ -f "$(engine "$1")/metadata.json" ] && return 0
@@ -74,6 +83,12 @@ engines)
   run 90 ssdopt detect --engine "$(engine fp16)" .gpu/data/val/000001.jpg .gpu/data/val/000002.jpg --out "$W/detect"
   tar -C "$W" -czf "$OUT/detect.tgz" detect 2>/dev/null
   bench 400 engines --limit 100 --peers torch-eager --engine "$(engine fp16)"
+  ;;
+sweep)
+  engines=()
+  for p in ${PRECISIONS:-fp16}; do build "$p" && engines+=(--engine "$(engine "$p")"); done
+  bench "${SWEEP_LIMIT_S:-560}" "${TAG:+${TAG}_}sweep" --limit 64 --peers "${PEERS:-torch-eager}" \
+    --compile-timeout-s "${COMPILE_TIMEOUT_S:-300}" --throughput-batches "${BATCHES:-1,32,64,128,256}" "${engines[@]}"
   ;;
 peers)
   build fp16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import typer
 
 from ssdopt.backends.registry import PRECISIONS, backend_names, choices
 from ssdopt.config import pick, section
+from ssdopt.errors import SsdoptError
 
 
 def build_spec_from_params() -> Any:
@@ -36,6 +38,21 @@ def build_spec_from_params() -> Any:
     )
 
 
+def _batches(flag: str | None, default: Iterable[int]) -> tuple[int, ...]:
+    """`--throughput-batches 1,32,256` (the flag wins over params; '' turns the sweep off)."""
+    if flag is None:
+        return tuple(int(b) for b in default)
+    try:
+        batches = tuple(int(b) for b in flag.split(",") if b.strip())
+    except ValueError:
+        batches = (0,)
+    if any(b < 1 for b in batches):
+        raise SsdoptError(
+            f"--throughput-batches {flag}", "a comma list of positive batch sizes", "e.g. 1,32,256"
+        )
+    return batches
+
+
 def bench(
     checkpoint: Path | None = typer.Option(None, help="Checkpoint (params: bench.checkpoint)."),
     dataset: Path | None = typer.Option(None, help="COCO split json (params: bench.dataset)."),
@@ -56,6 +73,13 @@ def bench(
     ),
     batch: int | None = typer.Option(None, help="Batch for latency (params: bench.batch)."),
     limit: int | None = typer.Option(None, help="Images for mAP; 0 = all (params: bench.limit)."),
+    eval_batch: int | None = typer.Option(None, help="Batch for the mAP pass (params: bench.eval_batch)."),
+    throughput_batches: str | None = typer.Option(
+        None, help="Batch sizes for best images/s; '' = none (params: bench.throughput_batches)."
+    ),
+    compile_timeout_s: float | None = typer.Option(
+        None, help="Bound on each torch.compile peer, build + first call (params: bench.compile_timeout_s)."
+    ),
     engine: list[Path] | None = typer.Option(None, help="Extra prebuilt engine dir (repeatable)."),
     out: Path | None = typer.Option(None, help="Reports dir (params: bench.out)."),
     work: Path | None = typer.Option(None, help="Export/engine cache dir (params: bench.work)."),
@@ -91,10 +115,10 @@ def bench(
         plan=plan,
         budget_points=float(p.get("budget_points", 1.0)),
         min_agreement=float(p.get("min_agreement", 0.9)),
-        compile_timeout_s=float(p.get("compile_timeout_s", 900)),
-        eval_batch=int(p.get("eval_batch", 8)),
+        compile_timeout_s=float(pick(compile_timeout_s, p, "compile_timeout_s", 900)),
+        eval_batch=int(pick(eval_batch, p, "eval_batch", 8)),
         rounds=1 if quick else int(p.get("rounds", 1)),
-        throughput_batches=() if quick else tuple(int(b) for b in p.get("throughput_batches") or ()),
+        throughput_batches=_batches(throughput_batches, () if quick else p.get("throughput_batches") or ()),
         spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
         device=device,

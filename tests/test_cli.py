@@ -45,3 +45,15 @@ def test_version() -> None:
 
     done = subprocess.run([str(SSDOPT), "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"ssdopt {version('ssdopt')}", done.stdout
+
+
+def test_throughput_batches_flag() -> None:
+    from ssdopt.commands_eval import _batches
+    from ssdopt.errors import SsdoptError
+
+    assert _batches(None, [1, 8]) == (1, 8)
+    assert _batches("1, 32,256", [1]) == (1, 32, 256)
+    assert _batches("", [1, 8]) == ()
+    for bad in ("0", "a,2", "-4"):
+        with pytest.raises(SsdoptError, match="--throughput-batches"):
+            _batches(bad, [1])

@@ -75,7 +75,7 @@ class BenchConfig:
     device: str = "cpu"  # where the torch peers and the engines run; the ORT fp32 reference stays on CPU
     split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
     split_rounds: int = 3  # interleaved (engine end to end, network alone) pairs per fused fp32 engine
-    throughput_batches: tuple[int, ...] = ()  # CPU: best images/s over these batch sizes (throughput_sweep)
+    throughput_batches: tuple[int, ...] = ()  # best images/s over these batch sizes (throughput_sweep)
     rounds: int = 1  # >= 2: every CPU row timed again in interleaved rounds, ratios per round (interleave)
 
     def __post_init__(self) -> None:
@@ -693,35 +693,59 @@ def interleave(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) 
 
 
 def throughput_sweep(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, Any]]) -> None:
-    """Best images/s over `cfg.throughput_batches` (one synchronous request each) for every built CPU
-    engine and peer route: `best_throughput_ips`, `best_throughput_batch` and `throughput_by_batch`."""
+    """Best images/s over `cfg.throughput_batches` (one synchronous request each) for every built
+    engine and, on the CPU, every peer route: `best_throughput_ips`, `best_throughput_batch` and
+    `throughput_by_batch`. On the GPU only the engines are swept (one runner per engine, the batch
+    resident on the GPU): torchvision eager at batch 256 would take the whole budget."""
     import torch
 
-    if not cfg.throughput_batches or cfg.device != "cpu":
+    if not cfg.throughput_batches:
         return
     plan = replace(cfg.plan, min_duration_s=min(cfg.plan.min_duration_s, 1.0), min_iterations=20)
+    if cfg.device != "cpu":
+        _gpu_throughput_sweep(cfg, rows, plan)
+        return
     for row in rows:
         if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row["p50_ms"]:
             continue
         if not (row.get("engine") or row["backend"] in PEER_ROUTE_NAMES):
             continue
-        by_batch: dict[str, float] = {}
+        by_batch: dict[int, float | str] = {}
         for batch in cfg.throughput_batches:
             fn, close = _row_timer(row, ctx, cfg, batch)
             try:
                 with torch.inference_mode():
-                    by_batch[str(batch)] = time_host(fn, plan, batch).throughput_ips
+                    by_batch[batch] = time_host(fn, plan, batch).throughput_ips
             except Exception as exc:  # noqa: BLE001 - e.g. an engine built for a smaller max batch
-                by_batch[str(batch)] = None  # type: ignore[assignment]
-                row.setdefault("throughput_errors", {})[str(batch)] = _reason(exc)
+                by_batch[batch] = _reason(exc)
             finally:
                 if close is not None:
                     close()
-        measured = {b: v for b, v in by_batch.items() if v}
-        row["throughput_by_batch"] = by_batch
-        if measured:
-            best = max(measured, key=lambda b: measured[b])
-            row.update(best_throughput_ips=measured[best], best_throughput_batch=int(best))
+        _set_sweep(row, by_batch)
+
+
+def _gpu_throughput_sweep(cfg: BenchConfig, rows: list[dict[str, Any]], plan: TimingPlan) -> None:
+    from ssdopt.evaluate.engine import engine_throughput
+
+    for row in rows:
+        if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row.get("engine"):
+            continue
+        if Engine.open(Path(row["engine"])).metadata.get("device", {}).get("kind") != "cuda":
+            continue  # the CPU accuracy reference: not what a GPU sweep is about
+        swept = engine_throughput(Path(row["engine"]), cfg.throughput_batches, plan)
+        _set_sweep(row, {b: v if isinstance(v, str) else v.throughput_ips for b, v in swept.items()})
+
+
+def _set_sweep(row: dict[str, Any], by_batch: dict[int, float | str]) -> None:
+    """`throughput_by_batch` (None where a batch failed, why under `throughput_errors`) and the best."""
+    row["throughput_by_batch"] = {str(b): None if isinstance(v, str) else v for b, v in by_batch.items()}
+    errors = {str(b): v for b, v in by_batch.items() if isinstance(v, str)}
+    if errors:
+        row["throughput_errors"] = errors
+    measured = {b: v for b, v in by_batch.items() if not isinstance(v, str) and v}
+    if measured:
+        best = max(measured, key=lambda b: measured[b])
+        row.update(best_throughput_ips=measured[best], best_throughput_batch=int(best))
 
 
 # ---------------------------------------------------------------- validation and assembly

@@ -214,6 +214,34 @@ def engine_latency(
         runner.close()
 
 
+def engine_throughput(
+    engine: Engine | Path, batches: tuple[int, ...], plan: TimingPlan = TimingPlan(), seed: int = 0
+) -> dict[int, LatencyStats | str]:
+    """End-to-end timing at each batch size with one loaded runner (a GPU engine compiles and captures
+    a CUDA graph per batch size once, not once per load): stats per batch, or why that batch failed."""
+    engine = engine if isinstance(engine, Engine) else Engine.open(engine)
+    runner = get_backend(engine.backend).load(engine.path)
+    height, width = engine_input_size(engine)
+    by_batch: dict[int, LatencyStats | str] = {}
+    try:
+        for batch in batches:
+            images = np.random.default_rng(seed).random((batch, 3, height, width), dtype=np.float32)
+            try:
+                if getattr(runner, "device", "cpu") == "cuda" and hasattr(runner, "forward"):
+                    by_batch[batch] = _resident_cuda_latency(runner, images, plan, batch)
+                else:
+
+                    def call(batch_images: np.ndarray = images) -> Any:
+                        return as_detections(runner.infer(batch_images), engine, height, width)
+
+                    by_batch[batch] = time_host(call, plan, batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. a batch above the engine's max_batch
+                by_batch[batch] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    finally:
+        runner.close()
+    return by_batch
+
+
 def _resident_cuda_latency(runner: Any, images: np.ndarray, plan: TimingPlan, batch: int) -> LatencyStats:
     """A GPU engine's end to end: the pre-processed batch already on the GPU, the fixed-size detections
     left there (what a GPU pipeline feeds and consumes), timed with CUDA events around each call."""

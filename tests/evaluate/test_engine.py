@@ -96,3 +96,17 @@ def test_the_background_name_is_not_compared(bench_run, tmp_path: Path) -> None:
     record["class_names"] = ["background", *record["class_names"][1:]]
     (engine_dir / "export.json").write_text(json.dumps(record))
     evaluate_engine(Engine.open(engine_dir), load_coco(bench_run["dataset"]), limit=2)
+
+
+def test_throughput_over_batch_sizes_with_one_runner(bench_run) -> None:
+    """Every batch is timed with the same loaded runner: images/s = batch / median latency."""
+    from ssdopt.evaluate.engine import engine_throughput
+    from ssdopt.evaluate.latency import TimingPlan
+
+    plan = TimingPlan(warmup_s=0.0, min_duration_s=0.0, min_iterations=3)
+    swept = engine_throughput(Engine.open(bench_run["engine"]), (1, 2, 5), plan)
+    assert sorted(swept) == [1, 2, 5]
+    for batch in (1, 2, 5):
+        stats = swept[batch]
+        assert not isinstance(stats, str), stats
+        assert stats.batch == batch and stats.throughput_ips == pytest.approx(batch * 1000 / stats.median_ms)
