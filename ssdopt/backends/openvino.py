@@ -179,6 +179,8 @@ class OpenVinoBackend:
                 exclude=spec.int8_exclude,
                 **budget,
             )
+            decode = [n.name for n in model.graph.node if n.domain == "ssdopt"]
+            quantization["decode_node"] = {"nodes": decode, "precision": "float"} if decode else None
         else:
             try:
                 ov_model = core.read_model(str(onnx_path))

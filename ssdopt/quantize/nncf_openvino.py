@@ -105,14 +105,18 @@ def _run_with_outputs(
     core: Any, model: Any, ports: list[Any], batches: list[np.ndarray]
 ) -> list[list[np.ndarray]]:
     """Values of `ports` (outputs of `model`'s ops; `model` gains them as outputs) per batch, f32."""
-    first = len(model.outputs)
-    model.add_outputs(ports)
+
+    def key(port: Any) -> tuple[str, int]:
+        return port.get_node().get_friendly_name(), port.get_index()
+
+    model.add_outputs(ports)  # a port asked for twice (or already an output) gets one Result
+    index = {key(result.input_value(0)): i for i, result in enumerate(model.get_results())}
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     values = []
     for batch in batches:
         request.infer({0: batch})
-        values.append([np.array(request.get_output_tensor(first + i).data) for i in range(len(ports))])
+        values.append([np.array(request.get_output_tensor(index[key(p)]).data) for p in ports])
     return values
 
 
@@ -271,7 +275,7 @@ def quantize_openvino(
         },
         "excluded_auto": [NMS_TYPE] if has_nms else [],
         "excluded_fallback": sorted(set(excluded)),
-        "decode_node": {"type": NMS_TYPE, "precision": "float"} if has_nms else None,
+        "overflow_fix": "NNCF default (first_layer_only: half-range weights in the first convolution)",
         "quantized_nodes": quantized_ops(quantized),
     }
     if fallback is not None:
