@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 
 from ssdopt.errors import SsdoptError
-from ssdopt.quantize.calibration_reader import CalibrationSpec, ImageBatches, calibration_reader
+from ssdopt.quantize.calibration_reader import (
+    CalibrationSpec,
+    ImageBatches,
+    calibration_reader,
+    calibration_version,
+)
 
 NMS_TYPE = "SSDDecodeNMS"
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
@@ -50,9 +55,9 @@ def convert(onnx_path: Path, library: Path | None) -> Any:
 class _Images:
     """A re-iterable of float32 [B, 3, H, W] calibration batches (NNCF iterates it more than once)."""
 
-    def __init__(self, reader: ImageBatches) -> None:
+    def __init__(self, reader: ImageBatches, images: int) -> None:
         self.reader = reader
-        self.count = sum(1 for _ in self)
+        self.count = -(-images // reader.batch_size)  # batches
 
     def __iter__(self) -> Iterator[np.ndarray]:
         self.reader.rewind()
@@ -196,11 +201,8 @@ def quantize_openvino(
     reader = calibration_reader(
         calibration.directory, height, image["name"], calibration.num_images, calibration.batch_size
     )
-    images = _Images(reader)
-    if len(images) == 0:
-        raise SsdoptError(
-            calibration.directory, "at least one calibration image", "check build.calibration.directory"
-        )
+    used = calibration_version(calibration.directory, calibration.num_images)["images_used"]
+    images = _Images(reader, used)
     model = convert(onnx_path, library)
     has_nms = any(op.get_type_name() == NMS_TYPE for op in model.get_ops())
     op_names = {op.get_friendly_name() for op in model.get_ops()}
@@ -269,7 +271,7 @@ def quantize_openvino(
         "activation_type": "int8 symmetric (NNCF PERFORMANCE preset; u8 after ReLU)",
         "weight_type": "int8 symmetric per-channel",
         "calibration": {
-            "images": len(images),
+            "images": used,
             "method": "NNCF defaults (min/max statistics, fast bias correction)",
             "note": "build.calibration.method applies to the ORT-made Q/DQ (int8_quantizer: onnxruntime)",
         },
