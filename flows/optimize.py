@@ -126,6 +126,7 @@ def optimize(
             s["calibration"],
             e.get("threads"),
             e["device"],
+            {k: e[k] for k in ("performance_hint", "int8_quantizer") if e.get(k)},
         )
         for e in s["engines"]
     ]

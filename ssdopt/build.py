@@ -98,7 +98,9 @@ def _reusable(path: Path, key: str) -> bool:
 @dataclass(frozen=True)
 class AccuracyBudget:
     """Accuracy-aware INT8 (quantize_with_budget): `evaluate(graph) -> mAP in [0, 1]` of an ONNX graph
-    (e.g. build it with build_engine for the same backend, run the val set, return COCOeval stats[0])."""
+    (e.g. build it with build_engine for the same backend, run the val set, return COCOeval stats[0]).
+    OpenVINO int8 through NNCF: evaluate gets the float ONNX first, then each round's OpenVINO IR (.xml,
+    SSDDecodeNMS included; compile it with ssdopt.ops.openvino.add_nms_extension)."""
 
     evaluate: Callable[[Path], float]
     budget_points: float = 1.0
@@ -111,6 +113,16 @@ class AccuracyBudget:
             "max_rounds": self.max_rounds,
             "layers_per_round": self.layers_per_round,
         }
+
+
+def nncf_route(backend: str, spec: BuildSpec, quantized: bool) -> bool:
+    """OpenVINO int8 of a float graph: NNCF PTQ inside the backend build (ssdopt.quantize.nncf_openvino)."""
+    return (
+        backend == "openvino"
+        and spec.precision == "int8"
+        and spec.int8_quantizer != "onnxruntime"
+        and not quantized
+    )
 
 
 def prepare_graph(
@@ -138,6 +150,14 @@ def prepare_graph(
         return onnx_path, {
             "quantization": {"prequantized": True, "note": "Q/DQ graph given; not re-quantized"}
         }
+    if spec.int8_quantizer == "nncf" and target != "openvino":
+        raise SsdoptError(
+            f"int8 quantizer nncf for backend {target}",
+            "the openvino backend (NNCF quantizes the OpenVINO model)",
+            "set build.int8_quantizer: auto",
+        )
+    if nncf_route(target, spec, quantized):  # the backend quantizes its own model (calibration from spec)
+        return onnx_path, {}
     image = input_spec(model)
     height = image["shape"][2]
     if not isinstance(height, int):
@@ -233,6 +253,8 @@ def build_engine(
                 "graph_is_derived": graph != onnx_path,
                 **record,
             }
+            if accuracy is not None and nncf_route(backend, spec, is_quantized(model)):
+                return runtime.build(graph, spec, final, provenance=provenance, accuracy=accuracy)  # type: ignore[call-arg]
             return runtime.build(graph, spec, final, provenance=provenance)
 
 

@@ -66,6 +66,8 @@ def build(
         plugin_library=Path(plugin) if plugin else None,
         hardware_compatible=bool(p.get("hardware_compatible", False)),
         version_compatible=bool(p.get("version_compatible", False)),
+        int8_quantizer=p.get("int8_quantizer") or "auto",
+        performance_hint=p.get("performance_hint") or "LATENCY",
     )
     args = (
         pick(backend, p, "backend", "onnxruntime"),

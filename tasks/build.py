@@ -21,15 +21,21 @@ def build(
     calibration: dict[str, Any],
     threads: int | None = None,
     device: str = "cpu",
+    options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse: builds are content-addressed) one engine. Failures become a ❌ row, not a crash.
 
-    The result carries the deployment target read from the engine's own metadata."""
+    The result carries the deployment target read from the engine's own metadata. `options`: BuildSpec
+    fields of the engine's entry in optimize.engines (performance_hint, int8_quantizer)."""
     logger = get_run_logger()
     base = {"backend": backend, "precision": precision, "device": device}
     try:
         spec = BuildSpec(
-            precision=precision, device=device, calibration=CalibrationSpec(**calibration), threads=threads
+            precision=precision,
+            device=device,
+            calibration=CalibrationSpec(**calibration),
+            threads=threads,
+            **(options or {}),
         )
         engine = build_engine(backend, precision, Path(onnx), Path(out), spec)
     except Exception as exc:  # noqa: BLE001 - reported in the table with its reason

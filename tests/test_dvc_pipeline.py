@@ -50,6 +50,8 @@ def _params() -> dict:
             "max_batch": 8,
             "threads": 1,
             "calibration": {"directory": "data/calibration", "method": "minmax"},
+            "int8_quantizer": "auto",
+            "performance_hint": "LATENCY",
         },
         "optimize": {
             "split": "val",
@@ -132,11 +134,15 @@ def test_dvc_repro_runs_every_stage_then_nothing(project: Path) -> None:
         assert (project / "artifacts" / "quantized" / precision / "anchors.npy").is_file()
     record = json.loads((project / "artifacts" / "quantized" / "int8" / "quantize.json").read_text())
     assert record["calibration"]["method"] == "minmax" and record["quantization"]["quantized_nodes"]
+    lock = _check_lock(project)
     for name in ENGINES:
         meta = json.loads((project / "artifacts" / "engines" / name / "metadata.json").read_text())
         assert f"{meta['backend']}-{meta['precision']}" == name
-        if meta["precision"] == "int8":
+        if name == "onnxruntime-int8":
             assert meta["quantization"]["prequantized"] is True  # built from quantize@int8, not re-quantized
+        if name == "openvino-int8":  # NNCF on the OpenVINO model, calibrated on the DVC set
+            assert meta["quantization"]["tool"].startswith("nncf.quantize")
+            assert meta["calibration"]["dvc_md5"] == lock["stages"]["calibration"]["outs"][0]["md5"]
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(metrics) == set(ENGINES)
     assert metrics["onnxruntime-fp32"]["delta_map"] == 0.0
@@ -147,7 +153,6 @@ def test_dvc_repro_runs_every_stage_then_nothing(project: Path) -> None:
     assert {p["engine"] for p in pareto} == set(ENGINES)
     assert "<html" in (project / "reports" / "index.html").read_text().lower()
 
-    lock = _check_lock(project)
     assert set(lock["stages"]) >= {f"build@{name}" for name in ENGINES} | {"quantize@fp16", "report"}
     lock_text = (project / "dvc.lock").read_text()
 

@@ -48,6 +48,10 @@ class Availability:
             )
 
 
+INT8_QUANTIZERS = ("auto", "nncf", "onnxruntime")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     """Everything that decides an engine's content besides the ONNX graph itself.
@@ -70,6 +74,10 @@ class BuildSpec:
     timing_cache: Path | None = None  # tensorrt: persistent timing cache file (not part of the key)
     hardware_compatible: bool = False  # tensorrt: Ampere+ compatible engine
     version_compatible: bool = False  # tensorrt: lean-runtime compatible engine
+    # int8 from a float graph: "auto" = per backend (openvino: NNCF PTQ on the OpenVINO model;
+    # onnxruntime: our ORT Q/DQ; tensorrt: ModelOpt); "onnxruntime": ORT-made Q/DQ for openvino too
+    int8_quantizer: str = "auto"
+    performance_hint: str = "LATENCY"  # openvino PERFORMANCE_HINT: LATENCY or THROUGHPUT
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -78,6 +86,18 @@ class BuildSpec:
             )
         if self.device not in ("cpu", "cuda"):
             raise SsdoptError(f"device '{self.device}'", "cpu or cuda", "fix build.device")
+        if self.int8_quantizer not in INT8_QUANTIZERS:
+            raise SsdoptError(
+                f"int8 quantizer '{self.int8_quantizer}'",
+                f"one of {', '.join(INT8_QUANTIZERS)}",
+                "fix build.int8_quantizer",
+            )
+        if self.performance_hint not in PERFORMANCE_HINTS:
+            raise SsdoptError(
+                f"performance hint '{self.performance_hint}'",
+                f"one of {', '.join(PERFORMANCE_HINTS)}",
+                "fix build.performance_hint",
+            )
         if not 1 <= self.opt_batch <= self.max_batch:
             raise SsdoptError(
                 f"--max-batch {self.max_batch} (opt_batch {self.opt_batch})",

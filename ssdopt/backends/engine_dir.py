@@ -40,6 +40,7 @@ class CompileRecord:
     hardware_specific: bool = True
     settings: dict[str, Any] = field(default_factory=dict)  # e.g. inference precision hint, providers
     plugin: dict[str, Any] | None = None  # the native SSDDecodeNMS library the engine needs
+    quantization: dict[str, Any] | None = None  # int8 made by the backend itself (OpenVINO NNCF)
 
 
 def plugin_record(model: onnx.ModelProto, spec: BuildSpec) -> dict[str, Any] | None:
@@ -206,7 +207,7 @@ def build_engine_dir(
             "source_onnx": provenance.get("source_onnx")
             or {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
             "calibration": provenance.get("calibration"),
-            "quantization": provenance.get("quantization"),
+            "quantization": record.quantization or provenance.get("quantization"),
             "fp16": provenance.get("fp16"),
             "plugin": record.plugin if record.plugin is not None else plugin_record(model, spec),
             "spec": spec.key_fields(),

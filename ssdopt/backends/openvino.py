@@ -2,8 +2,14 @@
 compile settings; it is compiled at load with those settings.
 
 The inference precision is always set explicitly: on a CPU with avx512_bf16 OpenVINO otherwise runs
-an "fp32" model in bf16. fp32 and int8 -> f32 (int8 comes from the graph's Q/DQ nodes, everything
-else stays f32); bf16 -> bf16 (fp32 graph); fp16 -> f16 (fp16 graph), each only where the CPU lists it.
+an "fp32" model in bf16. fp32 and int8 -> f32 (int8 comes from the model's FakeQuantize or Q/DQ
+nodes, everything else stays f32); bf16 -> bf16 (fp32 graph); fp16 -> f16 (fp16 graph), each only
+where the CPU lists it.
+
+int8 from a float graph: NNCF PTQ on the OpenVINO model (ssdopt.quantize.nncf_openvino), calibrated on
+the DVC calibration set, SSDDecodeNMS left in float; build.int8_quantizer: onnxruntime takes the
+ORT-made Q/DQ graph instead (as before 2026-12-03). A Q/DQ graph given as input is compiled as it is.
+The performance hint (build.performance_hint: LATENCY, or THROUGHPUT) is in the compile config.
 
 With SSDDecodeNMS the engine carries its extension library (plugins/libssdopt_nms_openvino.so, recorded
 by relative path and sha256); loading verifies those bytes and adds that file, so the engine directory
@@ -68,9 +74,10 @@ def _core(with_nms: bool, library: Path | None = None) -> tuple[Any, Path | None
     return core, add_nms_extension(core, library)
 
 
-def compile_config(precision: str, threads: int | None) -> dict[str, str]:
-    """The compile properties of an engine: explicit precision hint, latency mode, thread count."""
-    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+def compile_config(precision: str, threads: int | None, hint: str = "LATENCY") -> dict[str, str]:
+    """The compile properties of an engine: explicit precision hint, performance hint (LATENCY or
+    THROUGHPUT, build.performance_hint), thread count. Recorded in metadata, applied at every load."""
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINT[precision], "PERFORMANCE_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = str(int(threads))
     return config
@@ -88,6 +95,13 @@ def _compile_checked(core: Any, xml: Path, config: dict[str, str]) -> Any:
             "build this precision on a CPU that supports it",
         )
     return compiled
+
+
+def uses_nncf(spec: BuildSpec, model: onnx.ModelProto) -> bool:
+    """int8 of a float graph through NNCF on the OpenVINO model (the default; see quantize.nncf_openvino)."""
+    from ssdopt.quantize.int8 import is_quantized
+
+    return spec.precision == "int8" and spec.int8_quantizer != "onnxruntime" and not is_quantized(model)
 
 
 class OpenVinoBackend:
@@ -118,32 +132,78 @@ class OpenVinoBackend:
         return Availability(True, "", ov.__version__, device, precisions, why_not)
 
     def build(
-        self, onnx: Path, spec: BuildSpec, out: Path, provenance: dict[str, Any] | None = None
+        self,
+        onnx: Path,
+        spec: BuildSpec,
+        out: Path,
+        provenance: dict[str, Any] | None = None,
+        accuracy: Any = None,
     ) -> Engine:
+        """`accuracy` (an ssdopt.build.AccuracyBudget; NNCF int8 only): quantize_openvino's budget loop."""
         self.available(spec.device).require(self.name, spec.precision)
-        return build_engine_dir(self, Path(onnx), spec, Path(out), provenance, self._compile)
 
-    def _compile(self, onnx_path: Path, model: onnx.ModelProto, spec: BuildSpec, tmp: Path) -> CompileRecord:
+        def compile_fn(onnx_path: Path, model: onnx.ModelProto, spec: BuildSpec, tmp: Path) -> CompileRecord:
+            return self._compile(onnx_path, model, spec, tmp, accuracy)
+
+        return build_engine_dir(self, Path(onnx), spec, Path(out), provenance, compile_fn)
+
+    def _compile(
+        self, onnx_path: Path, model: onnx.ModelProto, spec: BuildSpec, tmp: Path, accuracy: Any = None
+    ) -> CompileRecord:
         import openvino as ov
 
+        from ssdopt.backends.graph import input_spec
+
         core, library = _core(has_custom_nms(model))
-        try:
-            ov_model = core.read_model(str(onnx_path))
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the frontend's message
-            raise SsdoptError(
-                onnx_path, f"a graph OpenVINO's ONNX frontend can read ({exc})", "re-export the model"
-            ) from exc
-        # compress_to_fp16 defaults to True: it would silently turn fp32 weights into fp16.
-        ov.save_model(ov_model, str(tmp / ENGINE_FILES[0]), compress_to_fp16=False)
-        config = compile_config(spec.precision, spec.threads)
+        quantization = None
+        if uses_nncf(spec, model):
+            from ssdopt.quantize.nncf_openvino import quantize_openvino
+
+            budget = (
+                {}
+                if accuracy is None
+                else {
+                    "evaluate": accuracy.evaluate,
+                    "budget_points": accuracy.budget_points,
+                    "max_rounds": accuracy.max_rounds,
+                    "layers_per_round": accuracy.layers_per_round,
+                }
+            )
+            quantization = quantize_openvino(
+                onnx_path,
+                tmp / ENGINE_FILES[0],
+                core=core,
+                library=library,
+                calibration=spec.calibration,
+                image=input_spec(model),
+                exclude=spec.int8_exclude,
+                **budget,
+            )
+            decode = [n.name for n in model.graph.node if n.domain == "ssdopt"]
+            quantization["decode_node"] = {"nodes": decode, "precision": "float"} if decode else None
+        else:
+            try:
+                ov_model = core.read_model(str(onnx_path))
+            except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the frontend's message
+                raise SsdoptError(
+                    onnx_path, f"a graph OpenVINO's ONNX frontend can read ({exc})", "re-export the model"
+                ) from exc
+            # compress_to_fp16 defaults to True: it would silently turn fp32 weights into fp16.
+            ov.save_model(ov_model, str(tmp / ENGINE_FILES[0]), compress_to_fp16=False)
+        config = compile_config(spec.precision, spec.threads, spec.performance_hint)
         _compile_checked(core, tmp / ENGINE_FILES[0], config)  # fail the build, not the first load
         return CompileRecord(
             files=list(ENGINE_FILES),
             runtime={"name": "openvino", "version": ov.__version__},
             device=cpu_info(),
             hardware_specific=True,
-            settings={"device": DEVICE, "compile_config": config},
+            settings={
+                "device": DEVICE,
+                "compile_config": config,
+                "performance_hint": config["PERFORMANCE_HINT"],
+            },
             plugin=bundle_plugin(tmp, library, binding=BINDING) if library is not None else None,
+            quantization=quantization,
         )
 
     def _compiled(self, engine: Path) -> tuple[Any, dict[str, Any]]:

@@ -12,8 +12,8 @@ from ssdopt.build import build_engine
 from ssdopt.errors import SsdoptError
 
 
-def _spec(calibration, method: str = "minmax") -> BuildSpec:
-    return BuildSpec(calibration=CalibrationSpec(directory=calibration, method=method))
+def _spec(calibration, method: str = "minmax", **fields) -> BuildSpec:
+    return BuildSpec(calibration=CalibrationSpec(directory=calibration, method=method), **fields)
 
 
 def test_unchanged_build_is_reused_without_rebuilding(
@@ -121,15 +121,44 @@ def test_accuracy_budget_build_records_the_fallback(tiny_export, tiny_calibratio
         return 0.5 - 0.004 * len(convs & set(quantized_compute_nodes(model)))
 
     budget = AccuracyBudget(evaluate, budget_points=1.0, layers_per_round=3)
-    engine = build_engine(
-        "openvino", "int8", tiny_export.model, tmp_path, _spec(tiny_calibration), accuracy=budget
-    )
+    spec = _spec(tiny_calibration, int8_quantizer="onnxruntime")  # the ORT-made Q/DQ route
+    engine = build_engine("openvino", "int8", tiny_export.model, tmp_path, spec, accuracy=budget)
     fallback = engine.metadata["quantization"]["fallback"]
     assert fallback["within_budget"] and fallback["drop_points"] <= 1.0
     assert fallback["fallback_layers"] and fallback["rounds"][0]["drop_points"] == pytest.approx(2.8)
-    again = build_engine(
+    again = build_engine("openvino", "int8", tiny_export.model, tmp_path, spec, accuracy=budget)
+    assert again.path == engine.path
+    plain = build_engine("openvino", "int8", tiny_export.model, tmp_path, spec)
+    assert plain.path != engine.path
+
+
+def test_accuracy_budget_of_the_nncf_route_keeps_layers_float(
+    tiny_export, tiny_calibration, tmp_path
+) -> None:
+    import openvino as ov
+
+    from ssdopt.build import AccuracyBudget
+    from ssdopt.quantize.nncf_openvino import quantized_ops
+
+    seen = []
+
+    def evaluate(graph) -> float:  # fake mAP: 0.5 minus 0.4 points per int8 convolution of the IR
+        seen.append(graph.suffix)
+        if graph.suffix == ".onnx":
+            return 0.5
+        return 0.5 - 0.004 * len(quantized_ops(ov.Core().read_model(str(graph))))
+
+    budget = AccuracyBudget(evaluate, budget_points=1.0, layers_per_round=3)
+    engine = build_engine(
         "openvino", "int8", tiny_export.model, tmp_path, _spec(tiny_calibration), accuracy=budget
     )
-    assert again.path == engine.path
-    plain = build_engine("openvino", "int8", tiny_export.model, tmp_path, _spec(tiny_calibration))
-    assert plain.path != engine.path
+    quantization = engine.metadata["quantization"]
+    fallback = quantization["fallback"]
+    assert seen[0] == ".onnx" and set(seen[1:]) == {".xml"}
+    assert fallback["within_budget"] and fallback["drop_points"] <= 1.0
+    assert fallback["rounds"][0]["drop_points"] == pytest.approx(2.8) and len(fallback["rounds"]) > 1
+    kept = set(fallback["fallback_layers"])
+    assert kept and kept == set(quantization["excluded_fallback"])
+    assert not kept & set(quantization["quantized_nodes"])  # the ignored_scope names stayed float
+    ir = ov.Core().read_model(str(engine.path / "engine.xml"))
+    assert set(quantized_ops(ir)) == set(quantization["quantized_nodes"])

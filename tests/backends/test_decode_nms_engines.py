@@ -71,3 +71,31 @@ def test_plugin_is_recorded_and_checked(backend, engines, tmp_path) -> None:
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(SsdoptError, match="library beside the engine changed after the build"):
         get_backend(backend).load(copy)
+
+
+def _as_coco(dets: Detections) -> list[dict]:
+    out = []
+    for image in range(len(dets.num_detections)):
+        for k in range(int(dets.num_detections[image])):
+            x1, y1, x2, y2 = (float(v) for v in dets.boxes[image, k])
+            out.append(
+                {
+                    "image_id": image,
+                    "category_id": int(dets.labels[image, k]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(dets.scores[image, k]),
+                }
+            )
+    return out
+
+
+def test_openvino_nncf_int8_detections_agree_with_fp32(engines) -> None:
+    from ssdopt.evaluate.engine import agreement, validation_problems
+
+    engine = engines[("openvino", "int8")]
+    assert engine.metadata["quantization"]["tool"].startswith("nncf.quantize")
+    images = tiny.fresh_images(8, seed=33)  # not calibration images
+    ref = get_backend("openvino").load(engines[("openvino", "fp32")].path).infer(images)
+    got = get_backend("openvino").load(engine.path).infer(images)
+    share = agreement(_as_coco(got), _as_coco(ref), min_score=0.0)
+    assert share is not None and not validation_problems(None, share, budget_points=1.0, min_agreement=0.9)

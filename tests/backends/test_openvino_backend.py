@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import nncf
 import numpy as np
 import onnx
 import openvino as ov
@@ -92,10 +93,61 @@ def test_metadata_and_engine_hash(engines) -> None:
     files = [engines["int8"].path / name for name in meta["engine"]["files"]]
     assert meta["engine"]["sha256"] == sha256_files(files)
     assert meta["runtime"]["version"] == ov.__version__
-    assert (
-        meta["quantization"]["target"] == "openvino"
-        and meta["quantization"]["reduce_range"] is cpu_lacks_vnni()
+    assert meta["quantization"]["target"] == "openvino"
+    assert meta["quantization"]["tool"].startswith(f"nncf.quantize {nncf.__version__}")
+
+
+def test_int8_engine_is_nncf_fake_quantize_the_runtime_reports(engines) -> None:
+    model = ov.Core().read_model(str(engines["int8"].path / "engine.xml"))
+    fake_quantize = {op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"}
+    assert fake_quantize and not any(op.get_type_name() == "DequantizeLinear" for op in model.get_ops())
+    layers = engines["int8"].layers()
+    reported = {name for layer in layers for name in layer.fused_from} | {layer.name for layer in layers}
+    assert fake_quantize & reported  # the runtime fused (or runs) the FakeQuantize nodes NNCF inserted
+    assert set(engines["int8"].metadata["quantization"]["quantized_nodes"]) <= {
+        op.get_friendly_name() for op in model.get_ops()
+    }
+
+
+def test_int8_engine_records_the_calibration_set_and_the_hint(engines, tiny_calibration) -> None:
+    from ssdopt.quantize.calibration_reader import calibration_version
+
+    meta = engines["int8"].metadata
+    version = calibration_version(tiny_calibration)
+    for key in ("dvc_md5", "manifest_sha256", "images_used"):
+        assert meta["calibration"][key] == version[key]
+    assert meta["quantization"]["calibration"]["images"] == version["images_used"]
+    assert meta["settings"]["performance_hint"] == "LATENCY"
+    runner = get_backend(BACKEND).load(engines["int8"].path)
+    assert str(runner.compiled.get_property("PERFORMANCE_HINT")) == "LATENCY"
+
+
+def test_throughput_hint_is_recorded_and_applied_at_load(tiny_export, tmp_path) -> None:
+    engine = build_engine(
+        BACKEND, "fp32", tiny_export.model, tmp_path, BuildSpec(performance_hint="THROUGHPUT")
     )
+    assert engine.metadata["settings"]["compile_config"]["PERFORMANCE_HINT"] == "THROUGHPUT"
+    runner = get_backend(BACKEND).load(engine.path)
+    assert str(runner.compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    with pytest.raises(SsdoptError, match="performance_hint"):
+        BuildSpec(performance_hint="FAST")
+
+
+def test_ort_made_q_dq_route_stays_reachable(tiny_export, tiny_calibration, tmp_path) -> None:
+    spec = BuildSpec(
+        calibration=CalibrationSpec(directory=tiny_calibration, method="minmax"), int8_quantizer="onnxruntime"
+    )
+    engine = build_engine(BACKEND, "int8", tiny_export.model, tmp_path, spec)
+    quantization = engine.metadata["quantization"]
+    assert quantization["tool"].startswith("onnxruntime") and quantization["reduce_range"] is cpu_lacks_vnni()
+
+
+def test_missing_calibration_set_names_the_file_and_the_fix(tiny_export, tmp_path) -> None:
+    spec = BuildSpec(calibration=CalibrationSpec(directory=tmp_path / "missing"))
+    with pytest.raises(SsdoptError) as error:
+        build_engine(BACKEND, "int8", tiny_export.model, tmp_path / "engines", spec)
+    assert str(tmp_path / "missing" / "manifest.json") in str(error.value)
+    assert "dvc repro calibration" in error.value.fix
 
 
 def test_changed_ir_weights_are_refused(engines, tmp_path) -> None:
