@@ -156,6 +156,19 @@ def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
                     "credentials, then rerun: the engine is kept on disk, the cut-short run is marked "
                     "FAILED and no registry version points at it",
                 ) from None
+            # 503: MLflow's answer when its database refuses (TEMPORARILY_UNAVAILABLE)
+            if re.search(r"too many 503 error responses|TEMPORARILY_UNAVAILABLE", str(exc)):
+                retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+                code = "503"
+                raise SsdoptError(
+                    f"the database behind {where} (its --backend-store-uri: PostgreSQL for a team)",
+                    f"a database that answers (the server answered HTTP {code} to each request, "
+                    f"retried up to {retries} times)",
+                    "start the tracking server's database (`pg_ctl start` on the team's PostgreSQL; "
+                    "here `make infra-up`) or see the tracking server's log, then rerun: the engine is "
+                    "kept on disk, no registry version is made without its finished run and "
+                    "artifacts, and the rerun registers a run that finished once",
+                ) from None
             if _unreachable(exc):
                 retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
                 cause = re.search(
@@ -357,13 +370,18 @@ def _register(
     except BaseException:
         sys.stderr.write(chatter.getvalue())
         raise
-    client.set_model_version_tag(registered_model, version, "run_id", run_id)
+    _tag_version(client, registered_model, version, run_id, engine_dir)
+    return version
+
+
+def _tag_version(client: Any, model: str, version: str, run_id: str, engine_dir: Path | None) -> None:
+    """The version's tags and description (idempotent: a rerun completes what a fault cut short)."""
+    client.set_model_version_tag(model, version, "run_id", run_id)
     if engine_dir is not None and (Path(engine_dir) / "metadata.json").is_file():
         tags, description = version_tags(Path(engine_dir))
         for key, value in tags.items():
-            client.set_model_version_tag(registered_model, version, key, value)
-        client.update_model_version(registered_model, version, description=description)
-    return version
+            client.set_model_version_tag(model, version, key, value)
+        client.update_model_version(model, version, description=description)
 
 
 def _left_running(run: Any) -> bool:
@@ -410,6 +428,8 @@ def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: A
             if model is None:
                 return run.info.run_id, None
             for mv in client.search_model_versions(f"name='{model}' and run_id='{run.info.run_id}'"):
+                if "engine_sha256" not in (mv.tags or {}):  # the server failed between version and tags
+                    _tag_version(client, model, str(mv.version), run.info.run_id, engine_dir)
                 return run.info.run_id, str(mv.version)
             model_id = run.data.tags.get("ssdopt.model_id")
             if model_id:  # the process died between the run's end and its registration
