@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ssdopt.backends.device import deployment_target
+from ssdopt.backends.device import resolve_target
 from ssdopt.config import load_params
 from ssdopt.data.coco import resolve_split
 from ssdopt.errors import SsdoptError
@@ -77,6 +77,7 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         "budget": float(opt.get("map_budget", build_params.get("accuracy", {}).get("budget_points", 1.0))),
         "min_agreement": float(opt.get("min_agreement", 0.8)),
         "experiment": opt.get("experiment", "ssdopt"),
+        "target": opt.get("target"),  # None: each engine's own metadata (ssdopt.backends.device)
         "model_name": opt.get("model_name", "ssdlite-shapes"),
         "engines_dir": opt.get("engines_dir", build_params.get("out", "artifacts/engines")),
         "mlflow_root": opt.get("mlflow_root", "mlflow"),
@@ -89,6 +90,16 @@ def _settings(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
         "reports": opt.get("reports", "reports"),
         "stages": opt["dvc_stages"] if "dvc_stages" in opt else ["generate", "calibration", "export"],
     }
+
+
+def row_target(explicit: str | None, built: dict[str, Any]) -> tuple[str, str | None]:
+    """(target a built engine's row is registered under, the engine's own target where it differs).
+
+    The run's explicit target wins, else the target the build read from the engine's metadata, else
+    this machine's for the engine's device (a failed build has no metadata)."""
+    own = built.get("target")
+    target = resolve_target(explicit, None, built["device"]) if explicit or not own else own
+    return target, (own if explicit and own and own != explicit else None)
 
 
 def _write_report(path: Path, text: str) -> None:
@@ -104,16 +115,29 @@ def optimize(
     eval_images: int | None = None,
     dvc_stages: list[str] | None = None,
     device: str | None = None,
+    target: str | None = None,
 ) -> dict[str, Any]:
     """Build, evaluate, log and promote every engine of params.yaml `optimize.engines` (and
     `optimize.gpu_engines` where `device` asks for them). Each engine is registered under the
     deployment target of its own metadata (`<model_name>.cpu-amx`, `<model_name>.cuda-sm90-…`), and
-    promotion runs per target, so GPU and CPU engines never compete."""
-    logger = get_run_logger()
+    promotion runs per target, so GPU and CPU engines never compete.
+
+    `target` (or params.yaml `optimize.target`): the deployment target to register under, which a
+    work pool's deployment sets to its pool's target; it wins over the engines' metadata (an engine
+    whose metadata names another target is registered anyway, with a warning and its own target in
+    the run's `ssdopt.engine_target` tag). Unset: each engine's metadata, else this machine's."""
     s = _settings(
         load_params(params_file),
-        {"engines": engines, "eval_images": eval_images, "dvc_stages": dvc_stages, "device": device},
+        {
+            "engines": engines,
+            "eval_images": eval_images,
+            "dvc_stages": dvc_stages,
+            "device": device,
+            "target": target,
+        },
     )
+    explicit = resolve_target(s["target"]) if s["target"] is not None else None  # checked before any build
+    logger = get_run_logger()
     # dvc_stages empty: data and export are given (tests, external data); nothing is reproduced.
     versions = dvc_repro(list(s["stages"])) if s["stages"] else {}
 
@@ -141,8 +165,14 @@ def optimize(
             "precision": b["precision"],
             "device": b["device"],
             "batch": 1,
-            "target": b.get("target") or deployment_target(b["device"]),
         }
+        row["target"], engine_target = row_target(explicit, b)
+        if engine_target:
+            logger.warning(
+                "%s %s was built for %s, registered under this run's target %s",
+                b["backend"], b["precision"], engine_target, explicit,
+            )  # fmt: skip
+            row["engine_target"] = engine_target
         if b["status"] != "built":
             rows.append({**row, "status": "failed", "reason": b["reason"]})
             continue
@@ -255,7 +285,7 @@ def optimize(
     logger.info("\n%s%s", table, link)
     _write_html_report(rows, s, ", ".join(targets))
     _write_report(Path(s["reports"]) / "optimize.md", f"{table}{link}\n")
-    headline = targets[0] if targets else deployment_target("cpu")
+    headline = targets[0] if targets else (explicit or resolve_target(None, None, "cpu"))
     return {
         "rows": rows,
         "decision": decisions.get(headline, {"model": f"{s['model_name']}.{headline}", "champion": None}),

@@ -138,22 +138,24 @@ def plugin_build(
 @app.command("promote")
 def promote_command(
     target: list[str] = typer.Option(
-        None, help="Deployment target(s); default: this machine's CPU and GPU targets."
+        None,
+        help="Deployment target(s) (params: optimize.target); default: every target with registered "
+        "engines, else this machine's CPU and GPU targets.",
     ),
     budget: float | None = typer.Option(None, help="mAP budget in points (params: optimize.map_budget)."),
 ) -> None:
     """Apply the promotion policy to existing registered engine versions."""
     import math
 
-    from ssdopt.backends.device import local_targets
-    from ssdopt.tracking import local_store, promote
+    from ssdopt.tracking import local_store, promote, promotion_targets
 
     opt = section("optimize")
     points = float(budget if budget is not None else opt.get("map_budget", 1.0))
     if not (math.isfinite(points) and points >= 0):  # checked before the registry is opened
         raise SsdoptError(f"--budget {points}", "a mAP budget in points >= 0", "pass e.g. --budget 1.0")
     store = local_store(opt.get("mlflow_root", "mlflow"))
-    for name in target or local_targets():
+    explicit = target or ([opt["target"]] if opt.get("target") else None)
+    for name in promotion_targets(store, opt.get("model_name", "ssdlite-shapes"), explicit):
         model = f"{opt.get('model_name', 'ssdlite-shapes')}.{name}"
         decision = promote(store, model, points)
         typer.echo(f"{model}: champion v{decision.champion} (previous v{decision.previous})")
@@ -171,8 +173,14 @@ def track_log(
     promote_after: bool = typer.Option(
         True, "--promote/--no-promote", help="Run the promotion policy after."
     ),
+    target: str | None = typer.Option(
+        None,
+        help="Register under this deployment target (params: optimize.target); default: the "
+        "target of the engine's metadata.",
+    ),
 ) -> None:
-    """Register an engine with its measured evaluation under the deployment target of its metadata.
+    """Register an engine with its measured evaluation under the deployment target of its metadata
+    (or --target).
 
     The engine is not loaded (a GPU engine registers from a CPU machine); its evaluation must come from
     where it runs. Logging the same engine twice adds nothing."""
@@ -197,6 +205,7 @@ def track_log(
         opt.get("experiment", "ssdopt"),
         float(opt.get("map_budget", 1.0)),
         float(opt.get("min_agreement", 0.8)),
+        target=target or opt.get("target"),
     )
     typer.echo(f"{registered} v{version} (run {run_id})")
     if promote_after:

@@ -32,6 +32,8 @@ START_TIMEOUT_S = 120.0
 BUCKET = "mlflow"
 PG_USER = "ssdopt"
 INSTALL_PG = "install PostgreSQL's server binaries: `apt-get install -y postgresql` (Debian)"
+HEARTBEAT_S = 30  # a flow run's heartbeat period (Prefect's minimum) where a worker runs it
+ZOMBIE_AUTOMATION = "ssdopt: crash flow runs whose heartbeats stopped"
 
 
 def free_port() -> int:
@@ -123,6 +125,9 @@ class Infra:
     s3_secret: str = field(default_factory=lambda: "s3-" + secrets.token_urlsafe(24))
     admin_password: str = field(default_factory=lambda: "ml-" + secrets.token_urlsafe(18))
     pids: dict[str, int] = field(default_factory=dict)
+    # a flow run RUNNING without a heartbeat for this long is marked CRASHED by the Prefect server
+    # (its worker, or the worker's machine, died with it); > HEARTBEAT_S, so healthy runs never are
+    zombie_after_s: int = 90
     # the cluster lives outside `root`: its owner (`postgres` where we are root) must reach it, and
     # pytest's and mktemp's folders are private to root
     pg_root: str = ""
@@ -154,6 +159,9 @@ class Infra:
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": self.admin_password,
             "PREFECT_API_URL": self.prefect_api,
+            # a worker started with this passes it to its flow runs: their heartbeats stop when the
+            # worker's machine dies, and the server's zombie automation marks them CRASHED
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
             "SSDOPT_SERVER_ARTIFACTS": "1",  # artifacts into the server's S3 bucket
         }
 
@@ -362,6 +370,54 @@ class Infra:
             proc,
             timeout,
         )
+        self.create_zombie_automation()
+
+    def create_zombie_automation(self) -> None:
+        """The Prefect automation that marks a flow run CRASHED once its heartbeats stop for
+        `zombie_after_s` (Prefect's own zombie detection: a SIGKILLed worker, or its machine gone,
+        reports nothing). Created once; `up` again finds it."""
+        existing = self._prefect_request("POST", "/automations/filter", {"limit": 200})
+        if any(a.get("name") == ZOMBIE_AUTOMATION for a in existing):
+            return
+        terminal = ("Completed", "Failed", "Cancelled", "Crashed")
+        self._prefect_request(
+            "POST",
+            "/automations/",
+            {
+                "name": ZOMBIE_AUTOMATION,
+                "description": f"no heartbeat for {self.zombie_after_s} s (beats every {HEARTBEAT_S} s)",
+                "enabled": True,
+                "trigger": {
+                    "type": "event",
+                    "posture": "Proactive",
+                    "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                    # Running too: a run killed before its first heartbeat reached the server
+                    "after": ["prefect.flow-run.Running", "prefect.flow-run.heartbeat"],
+                    "expect": ["prefect.flow-run.heartbeat", *(f"prefect.flow-run.{t}" for t in terminal)],
+                    "for_each": ["prefect.resource.id"],
+                    "threshold": 1,
+                    "within": self.zombie_after_s,
+                },
+                "actions": [
+                    {
+                        "type": "change-flow-run-state",
+                        "state": "CRASHED",
+                        "message": f"no heartbeat for {self.zombie_after_s} s: its worker died",
+                    }
+                ],
+            },
+        )
+
+    def _prefect_request(self, method: str, path: str, body: dict | None = None):  # noqa: ANN202 - JSON
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            f"{self.prefect_api}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
 
     # -- all together ----------------------------------------------------------------------------
     def up(self, prefect: bool = True) -> Infra:

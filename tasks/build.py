@@ -8,7 +8,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from ssdopt.backends.base import BuildSpec, CalibrationSpec
-from ssdopt.backends.device import target_of
+from ssdopt.backends.device import resolve_target
 from ssdopt.build import build_engine
 
 
@@ -44,7 +44,7 @@ def build(
     logger.info("%s %s -> %s", backend, precision, engine.path)
     return {
         **base,
-        "target": target_of(engine.metadata.get("device") or {}),
+        "target": resolve_target(None, engine.metadata.get("device"), device),  # the engine's own
         "status": "built",
         "engine": str(engine.path),
         "engine_sha256": engine.metadata.get("engine", {}).get("sha256"),

@@ -24,7 +24,11 @@ def log_engine(
         metrics={k: row.get(k) for k in tracking.LOGGED_METRICS},
         artifacts={"report": Path(row["engine"]) / "fusion.md"},
         registered_model=registered_model,
-        tags={"ssdopt.target": row["target"], "ssdopt.validated": str(row["status"] == "validated").lower()},
+        tags={
+            "ssdopt.target": row["target"],
+            "ssdopt.validated": str(row["status"] == "validated").lower(),
+            **({"ssdopt.engine_target": row["engine_target"]} if row.get("engine_target") else {}),
+        },
         run_name=f"{row['backend']}-{row['precision']}",
     )
     get_run_logger().info(

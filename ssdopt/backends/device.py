@@ -107,6 +107,36 @@ def deployment_target(device: str = "cpu") -> str:
     return target_of(device_info(device))
 
 
+TARGET_PATTERN = r"[a-z0-9][a-z0-9._-]{0,99}"
+
+
+def resolve_target(
+    explicit: str | None = None, engine_device: dict[str, Any] | None = None, device: str = "cpu"
+) -> str:
+    """The deployment target an engine is registered under, one rule for the flows and the CLI:
+
+    1. `explicit` (the flow's `target` parameter, which a work pool's deployment sets to the pool's
+       target; params.yaml `optimize.target`; the CLI's `--target`) wins;
+    2. else the target of the engine's own metadata (`metadata["device"]`: where it was built);
+    3. else this machine's target for `device` (an engine that failed to build has no metadata).
+    """
+    if explicit is not None:
+        import re
+
+        from ssdopt.errors import SsdoptError
+
+        if not isinstance(explicit, str) or not re.fullmatch(TARGET_PATTERN, explicit):
+            raise SsdoptError(
+                f"deployment target {explicit!r}",
+                "a lower-case name of letters, digits, '.', '_' and '-' (e.g. cpu-avx2, cuda-sm90)",
+                "fix the deployment's `target` parameter, params.yaml optimize.target or --target",
+            )
+        return explicit
+    if engine_device:
+        return target_of(engine_device)
+    return deployment_target(device)
+
+
 def local_targets() -> list[str]:
     """This machine's deployment targets: its CPU's, and its first GPU's where one is visible."""
     gpu = cuda_info()

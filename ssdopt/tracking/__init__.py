@@ -156,6 +156,19 @@ def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
                     "credentials, then rerun: the engine is kept on disk, the cut-short run is marked "
                     "FAILED and no registry version points at it",
                 ) from None
+            # 503: MLflow's answer when its database refuses (TEMPORARILY_UNAVAILABLE)
+            if re.search(r"too many 503 error responses|TEMPORARILY_UNAVAILABLE", str(exc)):
+                retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+                code = "503"
+                raise SsdoptError(
+                    f"the database behind {where} (its --backend-store-uri: PostgreSQL for a team)",
+                    f"a database that answers (the server answered HTTP {code} to each request, "
+                    f"retried up to {retries} times)",
+                    "start the tracking server's database (`pg_ctl start` on the team's PostgreSQL; "
+                    "here `make infra-up`) or see the tracking server's log, then rerun: the engine is "
+                    "kept on disk, no registry version is made without its finished run and "
+                    "artifacts, and the rerun registers a run that finished once",
+                ) from None
             if _unreachable(exc):
                 retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
                 cause = re.search(
@@ -357,13 +370,18 @@ def _register(
     except BaseException:
         sys.stderr.write(chatter.getvalue())
         raise
-    client.set_model_version_tag(registered_model, version, "run_id", run_id)
+    _tag_version(client, registered_model, version, run_id, engine_dir)
+    return version
+
+
+def _tag_version(client: Any, model: str, version: str, run_id: str, engine_dir: Path | None) -> None:
+    """The version's tags and description (idempotent: a rerun completes what a fault cut short)."""
+    client.set_model_version_tag(model, version, "run_id", run_id)
     if engine_dir is not None and (Path(engine_dir) / "metadata.json").is_file():
         tags, description = version_tags(Path(engine_dir))
         for key, value in tags.items():
-            client.set_model_version_tag(registered_model, version, key, value)
-        client.update_model_version(registered_model, version, description=description)
-    return version
+            client.set_model_version_tag(model, version, key, value)
+        client.update_model_version(model, version, description=description)
 
 
 def _left_running(run: Any) -> bool:
@@ -410,6 +428,8 @@ def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: A
             if model is None:
                 return run.info.run_id, None
             for mv in client.search_model_versions(f"name='{model}' and run_id='{run.info.run_id}'"):
+                if "engine_sha256" not in (mv.tags or {}):  # the server failed between version and tags
+                    _tag_version(client, model, str(mv.version), run.info.run_id, engine_dir)
                 return run.info.run_id, str(mv.version)
             model_id = run.data.tags.get("ssdopt.model_id")
             if model_id:  # the process died between the run's end and its registration
@@ -468,6 +488,29 @@ def _promote(store: Store, registered_model: str, budget: float) -> Decision:
 
 
 @_server_errors
+def registered_targets(store: Store, model_name: str) -> list[str]:
+    """The targets with a registered model `<model_name>.<target>` in the store, sorted."""
+    client = _client(store)
+    prefix = f"{model_name}."
+    quoted = prefix.replace("'", "''")
+    found = client.search_registered_models(filter_string=f"name LIKE '{quoted}%'", max_results=1000)
+    # startswith: LIKE reads a '_' of the name as a wildcard
+    return sorted(m.name[len(prefix) :] for m in found if m.name.startswith(prefix))
+
+
+def promotion_targets(store: Store, model_name: str, explicit: list[str] | None = None) -> list[str]:
+    """The targets to promote, the flows' and the CLI's one rule (ssdopt.backends.device.resolve_target):
+    `explicit` (the promote flow's `targets`, `ssdopt promote --target`, params.yaml optimize.target)
+    wins; else every target that has registered engines (each registered under the target of its
+    engine's metadata, or its run's `target`); else this machine's (none registered yet)."""
+    from ssdopt.backends.device import local_targets, resolve_target
+
+    if explicit:
+        return [resolve_target(t) for t in explicit]
+    return registered_targets(store, model_name) or local_targets()
+
+
+@_server_errors
 def compare_runs(store: Store, experiment: str, limit: int = 50) -> list[dict[str, Any]]:
     """The latest runs of `experiment` with their params and metrics, newest first."""
     client = _client(store)
@@ -522,14 +565,16 @@ def log_evaluated_engine(
     experiment: str = "ssdopt",
     budget_points: float = 1.0,
     min_agreement: float = 0.8,
+    target: str | None = None,
 ) -> tuple[str, str, str]:
     """Log a built engine with the evaluation measured where it runs (`ssdopt evaluate` JSON) and
     register it under `<model_name>.<target>`, the target read from the engine's own metadata (so a
     GPU engine from a build box lands in its GPU model, never among CPU engines). Nothing is loaded:
-    this machine may not be able to run the engine. Returns (run_id, registered model, version)."""
+    this machine may not be able to run the engine. An explicit `target` wins over the metadata's
+    (ssdopt.backends.device.resolve_target). Returns (run_id, registered model, version)."""
     import json
 
-    from ssdopt.backends.device import target_of
+    from ssdopt.backends.device import resolve_target, target_of
     from ssdopt.evaluate.engine import validation_problems
 
     engine_dir = Path(engine_dir)
@@ -541,7 +586,8 @@ def log_evaluated_engine(
         raise SsdoptError(
             "--evaluation", "the JSON `ssdopt evaluate` writes (with map)", "run `ssdopt evaluate ENGINE`"
         )
-    target = target_of(meta.get("device") or {})
+    own = target_of(meta.get("device") or {})
+    target = resolve_target(target) if target is not None else own
     registered = f"{model_name}.{target}"
     problems = validation_problems(
         evaluation.get("delta_map"), evaluation.get("agreement"), budget_points, min_agreement
@@ -565,6 +611,8 @@ def log_evaluated_engine(
     }
     if problems:
         tags["ssdopt.reason"] = "; ".join(problems)
+    if own != target:  # registered under an explicit target: the engine's own is kept beside it
+        tags["ssdopt.engine_target"] = own
     run_id, version = log_engine_once(
         store,
         experiment,

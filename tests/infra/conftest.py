@@ -21,9 +21,9 @@ def infra(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     except SsdoptError as exc:
         pytest.skip(f"PostgreSQL cannot be used here: {exc}")
     started = time.monotonic()
-    servers = Infra(str(tmp_path_factory.mktemp("infra"))).up(
-        prefect=getattr(request.module, "WITH_PREFECT", False)
-    )
+    servers = Infra(
+        str(tmp_path_factory.mktemp("infra")), zombie_after_s=getattr(request.module, "ZOMBIE_AFTER_S", 90)
+    ).up(prefect=getattr(request.module, "WITH_PREFECT", False))
     print(f"servers up in {time.monotonic() - started:.1f} s")
     yield servers
     servers.down(purge=True)

@@ -6,13 +6,20 @@ loopback, started by ssdopt.infra (the code behind `make infra-up`). Engines are
 - `ssdopt compare` reads the runs from the shared server;
 - the S3 store down while logging: one clear error naming the artifact store, the engine kept on
   disk, no registry version for it;
+- PostgreSQL restarted while an engine is logged: the requests the server answers 503 meanwhile are
+  retried (bounded), the engine is logged and registered once, its version loads;
+- PostgreSQL down while a version is registered: after the bounded retries one clear error naming the
+  database behind the server and the fix, no version; the rerun registers the finished run once;
 - no credential (PostgreSQL, S3, MLflow admin) in the servers' logs, the runs' params and tags, the
-  registry or the artifacts.
+  registry or the artifacts (after the faults above, so their server logs are searched too).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,7 +54,7 @@ def _target(engine: Path) -> str:
     return target_of(json.loads((engine / "metadata.json").read_text())["device"])
 
 
-def _log(engine: Path, tmp_path: Path) -> tuple[str, str | None]:
+def _log(engine: Path, tmp_path: Path, model: str = "tiny-team") -> tuple[str, str | None]:
     from ssdopt import tracking
 
     return tracking.log_engine_once(
@@ -56,7 +63,7 @@ def _log(engine: Path, tmp_path: Path) -> tuple[str, str | None]:
         engine,
         params={"backend": engine.name.split("-")[0], "precision": "fp32", "device": _target(engine)},
         metrics={"p99_ms": 1.0, "delta_map": 0.0, "map": 0.5},
-        registered_model=f"tiny-team.{_target(engine)}",
+        registered_model=f"{model}.{_target(engine)}",
         tags={"ssdopt.target": _target(engine), "ssdopt.validated": "true"},
         run_name=engine.name,
     )
@@ -126,6 +133,131 @@ def test_s3_down_while_logging(as_team: Infra, engines, tmp_path: Path) -> None:
     run_id, version = _log(engine, tmp_path)
     mine = [mv.version for mv in client.search_model_versions(f"name='{model}' and run_id='{run_id}'")]
     assert mine == [version], mine  # the engine shares its target's model with the ORT engine
+
+
+def _new_engine(engine: Path, out: Path) -> Path:
+    """A copy of `engine` with bytes and a sha256 of its own: an engine the registry has not seen."""
+    import onnx
+
+    from ssdopt.fileio import sha256_file
+
+    shutil.copytree(engine, out)
+    model = onnx.load(str(out / "engine.onnx"))
+    model.doc_string = f"variant {out.name}"
+    onnx.save(model, str(out / "engine.onnx"))
+    meta = json.loads((out / "metadata.json").read_text())
+    meta["engine"]["sha256"] = sha256_file(out / "engine.onnx")
+    (out / "metadata.json").write_text(json.dumps(meta))
+    return out
+
+
+def _refusals(infra: Infra) -> int:
+    """The database errors (OperationalError lines) in the MLflow server's log so far."""
+    return (infra.path / "mlflow" / "server.log").read_text(errors="replace").count("OperationalError")
+
+
+def _complete_versions(infra: Infra, tmp_path: Path, model: str) -> list[str]:
+    """Every version of `model`, each checked whole: its run FINISHED, its tags, its engine loadable."""
+    from mlflow import MlflowClient
+
+    from ssdopt import tracking
+
+    client = MlflowClient(infra.mlflow_url, infra.mlflow_url)
+    found = []
+    for mv in client.search_model_versions(f"name='{model}'"):
+        assert client.get_run(mv.run_id).info.status == "FINISHED", mv
+        assert mv.tags.get("engine_sha256") and mv.tags.get("run_id") == mv.run_id, mv.tags
+        local = tracking.resolve_engine_uri(f"models:/{model}/{mv.version}", tracking.local_store(tmp_path))
+        assert (
+            json.loads((local / "metadata.json").read_text())["engine"]["sha256"] == mv.tags["engine_sha256"]
+        )
+        found.append(str(mv.version))
+    return found
+
+
+def test_postgres_restarted_while_logging(
+    as_team: Infra, engines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    engine = _new_engine(engines["onnxruntime"], tmp_path / "onnxruntime-restart")
+    before, errors, restarted = _refusals(as_team), [], threading.Event()
+
+    def restart_once_refused() -> None:  # synchronised on the server's log, not on a sleep
+        try:
+            deadline = time.monotonic() + 60
+            while _refusals(as_team) == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            as_team.restart_postgres()
+            restarted.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            errors.append(exc)
+
+    restarter = threading.Thread(target=restart_once_refused, daemon=True)
+    real_log_model = mlflow.pyfunc.log_model
+
+    def log_model_with_postgres_restarting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        as_team.stop_postgres()  # returns once stopped: the run is open, its engine model not yet logged
+        restarter.start()
+        return real_log_model(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", log_model_with_postgres_restarting)
+    started = time.monotonic()
+    try:
+        run_id, version = _log(engine, tmp_path, model="tiny-pg-restart")
+    finally:
+        restarter.join(90)
+        if not restarted.is_set():
+            as_team.restart_postgres()  # the module's later cases need their database
+    elapsed = time.monotonic() - started
+    refused = _refusals(as_team) - before
+    print(f"observed: logged and registered v{version} in {elapsed:.1f} s; {refused} database errors logged")
+    assert not errors and restarted.is_set(), errors
+    assert refused >= 1, "PostgreSQL was never found down: the restart did not land mid-run"
+    assert elapsed < 60, elapsed  # bounded: MLflow's retries as ssdopt sets them (3, backoff 1 s)
+    assert _complete_versions(as_team, tmp_path, f"tiny-pg-restart.{_target(engine)}") == [version]
+    assert _log(engine, tmp_path, model="tiny-pg-restart") == (run_id, version)  # nothing twice
+
+
+def test_postgres_down_while_registering(
+    as_team: Infra, engines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    from ssdopt import tracking
+
+    engine = _new_engine(engines["onnxruntime"], tmp_path / "onnxruntime-down")
+    real_register = tracking._register
+
+    def register_with_postgres_down(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        as_team.stop_postgres()  # the run finished with its artifacts; now its version is made
+        return real_register(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "_register", register_with_postgres_down)
+    started = time.monotonic()
+    try:
+        with pytest.raises(SsdoptError) as info:
+            _log(engine, tmp_path, model="tiny-pg-down")
+    finally:
+        as_team.restart_postgres()
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    print(f"observed after {elapsed:.1f} s: {message}")
+    assert elapsed < 60, elapsed  # bounded retries, then the error
+    assert "database behind MLflow tracking server" in message and "PostgreSQL" in message, message
+    assert as_team.mlflow_url in message and "Fix:" in message and "pg_ctl start" in message, message
+    assert all(s not in message for s in as_team.secrets())
+    model = f"tiny-pg-down.{_target(engine)}"
+    client = MlflowClient(as_team.mlflow_url, as_team.mlflow_url)
+    assert client.search_model_versions(f"name='{model}'") == []  # nothing half-registered
+
+    monkeypatch.setattr(tracking, "_register", real_register)
+    run_id, version = _log(engine, tmp_path, model="tiny-pg-down")  # the database back: the rerun
+    assert _complete_versions(as_team, tmp_path, model) == [version]
+    sha = json.loads((engine / "metadata.json").read_text())["engine"]["sha256"]
+    exp = client.get_experiment_by_name("team").experiment_id
+    runs = client.search_runs([exp], f"tags.`ssdopt.engine_sha256` = '{sha}'")
+    assert [r.info.run_id for r in runs] == [run_id]  # the finished run registered, not logged again
 
 
 def test_no_credentials_in_logs_stores_or_artifacts(as_team: Infra, engines, tmp_path: Path) -> None:
