@@ -232,13 +232,14 @@ def compare_command(limit: int = typer.Option(20, help="Runs to show, newest fir
     keys = ("mAP", "ΔmAP pts", "p50 ms", "p99 ms") if not wide else None
     titles = [title for _, title, _ in COLUMNS if wide or title in keys]
     table = Table(title="MLflow runs", show_edge=wide, pad_edge=wide)
-    for title in ["run"] + (titles if wide else ["engine", "status", *titles]):
+    for title in ["run"] + (["target", *titles] if wide else ["engine @ target", "status", *titles]):
         table.add_column(title, overflow="fold")
     for row, shown in zip(rows, format_rows(rows), strict=True):
+        target = row.get("target") or "–"  # runs of every target, told apart
         if wide:
-            table.add_row(row["run_id"][:8], *(shown[t] for t in titles))
-        else:  # 80 columns: backend and precision in one cell, the status mark alone
-            engine = f"{row.get('backend')} {row.get('precision')}"
+            table.add_row(row["run_id"][:8], target, *(shown[t] for t in titles))
+        else:  # 80 columns: backend and precision over the target in one cell, the status mark alone
+            engine = f"{row.get('backend')} {row.get('precision')}\n{target}"
             table.add_row(row["run_id"][:8], engine, shown["status"][:1], *(shown[t] for t in titles))
     console.print(table)
 

@@ -3,7 +3,7 @@ loopback, started by ssdopt.infra (the code behind `make infra-up`). Engines are
 
 - an engine is logged, registered, promoted and loaded back as models:/NAME@champion through the
   server, its artifacts in the S3 bucket; logging it again adds no run and no version;
-- `ssdopt compare` reads the runs from the shared server;
+- `ssdopt compare` reads the runs of two deployment targets from the shared server, told apart;
 - the S3 store down while logging: one clear error naming the artifact store, the engine kept on
   disk, no registry version for it;
 - PostgreSQL restarted while an engine is logged: the requests the server answers 503 meanwhile are
@@ -54,17 +54,20 @@ def _target(engine: Path) -> str:
     return target_of(json.loads((engine / "metadata.json").read_text())["device"])
 
 
-def _log(engine: Path, tmp_path: Path, model: str = "tiny-team") -> tuple[str, str | None]:
+def _log(
+    engine: Path, tmp_path: Path, model: str = "tiny-team", target: str | None = None
+) -> tuple[str, str | None]:
     from ssdopt import tracking
 
+    target = target or _target(engine)
     return tracking.log_engine_once(
         tracking.local_store(tmp_path / "mlflow"),
         "team",
         engine,
-        params={"backend": engine.name.split("-")[0], "precision": "fp32", "device": _target(engine)},
+        params={"backend": engine.name.split("-")[0], "precision": "fp32", "device": target},
         metrics={"p99_ms": 1.0, "delta_map": 0.0, "map": 0.5},
-        registered_model=f"{model}.{_target(engine)}",
-        tags={"ssdopt.target": _target(engine), "ssdopt.validated": "true"},
+        registered_model=f"{model}.{target}",
+        tags={"ssdopt.target": target, "ssdopt.validated": "true"},
         run_name=engine.name,
     )
 
@@ -87,12 +90,18 @@ def test_log_register_promote_and_load_champion(as_team: Infra, engines, tmp_pat
     assert not (tmp_path / "mlflow" / "artifacts").exists()  # and not on the client's disk
 
 
-def test_compare_reads_the_shared_server(as_team: Infra, engines, tmp_path: Path, capsys) -> None:
+def test_compare_reads_the_shared_server(
+    as_team: Infra, engines, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of two deployment targets (this CPU's and a GPU build box's) side by side, told apart."""
     import sys
 
     from ssdopt.cli import main
 
+    gpu = "cuda-sm90-nvidia-h200"
     _log(engines["onnxruntime"], tmp_path)
+    _log(_new_engine(engines["onnxruntime"], tmp_path / "onnxruntime-gpu-box"), tmp_path, target=gpu)
+    monkeypatch.setenv("COLUMNS", "200")  # one line per run: the targets are not folded
     (tmp_path / "params.yaml").write_text(
         f"optimize:\n  experiment: team\n  mlflow_root: {tmp_path}/mlflow\n"
     )
@@ -102,7 +111,13 @@ def test_compare_reads_the_shared_server(as_team: Infra, engines, tmp_path: Path
     except SystemExit as exc:
         assert exc.code in (0, None), capsys.readouterr()
     out = capsys.readouterr().out
-    assert "onnxruntime" in out and "fp32" in out and "0.5000" in out, out
+    lines = {
+        target: [ln for ln in out.splitlines() if f" {target} " in ln]
+        for target in (_target(engines["onnxruntime"]), gpu)
+    }
+    assert lines[gpu] and len(lines[gpu]) == 1 and lines[_target(engines["onnxruntime"])], out
+    assert "onnxruntime" in lines[_target(engines["onnxruntime"])][0], out
+    assert "onnxruntime" in lines[gpu][0] and "0.5000" in lines[gpu][0], out
 
 
 def test_s3_down_while_logging(as_team: Infra, engines, tmp_path: Path) -> None:
