@@ -168,6 +168,11 @@ def prepare_graph(
     reader = calibration_reader(
         calibration.directory, height, image["name"], calibration.num_images, calibration.batch_size
     )
+    timer = None
+    if target == "onnxruntime" and spec.int8_latency_probe and spec.device == "cpu":
+        from ssdopt.quantize.latency import ort_timer
+
+        timer = ort_timer(spec.threads)
     if accuracy is not None:
         result = quantize_with_budget(
             onnx_path,
@@ -182,6 +187,7 @@ def prepare_graph(
             per_channel=spec.per_channel,
             exclude=spec.int8_exclude,
             preprocess_graph=spec.int8_preprocess,
+            latency_timer=timer,
         )
         return work / "int8.onnx", {"quantization": result.record}
     record = quantize_int8(
@@ -193,6 +199,7 @@ def prepare_graph(
         per_channel=spec.per_channel,
         exclude=spec.int8_exclude,
         preprocess_graph=spec.int8_preprocess,
+        latency_timer=timer,
     )
     return work / "int8.onnx", {"quantization": record}
 

@@ -68,6 +68,7 @@ class BuildSpec:
     per_channel: bool = True
     int8_exclude: tuple[str, ...] = ()  # node names kept in float (accuracy fallback)
     int8_preprocess: bool = True  # onnxruntime quant_pre_process where it works
+    int8_latency_probe: bool = True  # onnxruntime int8: keep node groups float where measured faster
     fp16_keep_ops: tuple[str, ...] = ()  # extra op types kept fp32 on top of quantize.fp16's block list
     plugin_library: Path | None = None  # native SSDDecodeNMS library (tensorrt plugin)
     workspace_mib: int = 2048

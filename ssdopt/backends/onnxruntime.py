@@ -43,6 +43,8 @@ from ssdopt.backends.engine_dir import (
 from ssdopt.backends.graph import has_custom_nms, load_topology
 from ssdopt.errors import SsdoptError
 from ssdopt.fileio import sha256_file
+from ssdopt.quantize.int8 import is_quantized
+from ssdopt.quantize.latency import DISABLED_OPTIMIZERS
 
 ENGINE_FILE = "engine.onnx"
 QUANTIZED_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize", "QuantizeLinear")
@@ -158,7 +160,11 @@ class OnnxRuntimeBackend:
         else:
             source = str(onnx_path)
         try:
-            session = ort.InferenceSession(source, options, providers=_providers(spec.device))
+            # a float node left in a Q/DQ graph stays float (WeightBiasQuantization would re-quantize it)
+            disabled = list(DISABLED_OPTIMIZERS) if is_quantized(model) else None
+            session = ort.InferenceSession(
+                source, options, providers=_providers(spec.device), disabled_optimizers=disabled
+            )
         except Exception as exc:  # ORT raises its own exception types (Fail, NotImplemented, ...)
             if shutil.disk_usage(tmp).free < onnx_path.stat().st_size:  # ORT says "serialization failed"
                 raise SsdoptError(
@@ -180,6 +186,7 @@ class OnnxRuntimeBackend:
             hardware_specific=True,
             settings={
                 "graph_optimization_level": "ORT_ENABLE_ALL at build; loaded with ORT_DISABLE_ALL",
+                "disabled_optimizers": list(DISABLED_OPTIMIZERS) if is_quantized(model) else [],
                 "intra_op_num_threads": spec.threads,
             },
             plugin=_bundled_nms_plugin(tmp) if with_nms else None,

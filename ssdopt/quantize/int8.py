@@ -36,6 +36,7 @@ from ssdopt.errors import SsdoptError
 from ssdopt.quantize.calibration_reader import CalibrationSpec, ImageBatches
 from ssdopt.quantize.decode_node import detach_file, reattach_decode, reattach_file
 from ssdopt.quantize.entropy import entropy_threshold
+from ssdopt.quantize.latency import Timer, choose_latency_exclusions
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
 NMS_DOMAIN = "ssdopt"
@@ -55,6 +56,9 @@ _TAIL_PASS_THROUGH = (
 )
 _TAIL_EXCLUDED = ("Concat", "Softmax", "Sigmoid")
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Run int8 (QLinearAdd, QLinearMul) only when every input is dequantized: an excluded Mul of a
+# HardSwish reads one Q/DQ'd input and the float HardSigmoid, and stays float.
+BINARY_OPS = ("Add", "Mul")
 CALIBRATION_CHUNK = 16  # images per calibrator call: bounds memory, results are merged across calls
 
 
@@ -165,6 +169,24 @@ def calibrate(model_path: Path, reader: ImageBatches, calibration: CalibrationSp
     return cache
 
 
+def name_unnamed_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name from its op type and first output (so it can be excluded,
+    ranked and recorded); returns how many were named."""
+    taken = {n.name for n in model.graph.node}
+    named = 0
+    for node in model.graph.node:
+        if node.name:
+            continue
+        base = f"{node.op_type}_{node.output[0] if node.output else 'node'}"
+        name, index = base, 1
+        while name in taken:
+            name, index = f"{base}_{index}", index + 1
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
 def preprocess(onnx_path: Path, out: Path) -> tuple[Path, str | None]:
     """ORT's quant_pre_process (shape inference + basic graph cleanup) -> (path to use, error or None).
 
@@ -175,6 +197,9 @@ def preprocess(onnx_path: Path, out: Path) -> tuple[Path, str | None]:
     try:
         with _quiet():
             quant_pre_process(str(onnx_path), str(out), skip_symbolic_shape=False)
+        model = onnx.load(str(out))
+        if name_unnamed_nodes(model):  # inlined HardSwish -> unnamed HardSigmoid + Mul: name them
+            onnx.save(model, str(out))
         return out, None
     except Exception as exc:  # ORT raises anything from symbolic shape inference
         with contextlib.suppress(FileNotFoundError):
@@ -193,8 +218,14 @@ def quantize_int8(
     exclude: tuple[str, ...] | list[str] = (),
     preprocess_graph: bool = True,
     calibration_cache: Path | None = None,
+    latency_timer: Timer | None = None,
+    exclude_reasons: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the Q/DQ int8 graph of `onnx_path` to `out` (atomically); return what was done.
+
+    `latency_timer` (onnxruntime target): first keep in float the node groups measured faster in float
+    (ssdopt.quantize.latency). `exclude_reasons`: why each `exclude` node is float (default "requested");
+    the record's `float_nodes` lists every node kept float with its reason.
 
     `exclude`: extra node names kept in float (on top of default_exclusions). `calibration_cache`:
     reuse ranges computed earlier on the same float graph (the accuracy fallback's rounds). An
@@ -223,7 +254,13 @@ def quantize_int8(
                 exclude,
                 preprocess_graph,
                 calibration_cache,
+                latency_timer,
             )
+        reasons = {name: "requested" for name in exclude} | dict(exclude_reasons or {})
+        reasons |= {name: "latency" for name in record.get("excluded_latency", [])}
+        auto_reason = "auto: precision sensitive (decode op, head tail)"
+        reasons |= dict.fromkeys(record["excluded_auto"], auto_reason)
+        record["float_nodes"] = [{"node": name, "reason": reasons[name]} for name in sorted(reasons)]
         reattach_file(work / "int8.onnx", detached)
         record["decode_node"] = (
             None if detached is None else {"nodes": [n.name for n in detached.nodes], "precision": "float"}
@@ -245,6 +282,7 @@ def _quantize_ort(
     exclude: tuple[str, ...] | list[str],
     preprocess_graph: bool,
     calibration_cache: Path | None,
+    latency_timer: Timer | None = None,
 ) -> dict[str, Any]:
     """ORT static QDQ quantization of `onnx_path` into work/int8.onnx."""
     from onnxruntime import __version__ as ort_version
@@ -262,21 +300,30 @@ def _quantize_ort(
             "take names from layers.json",
         )
     cache = calibration_cache or calibrate(source, reader, calibration, work / "calibration.json")
-    with _quiet():
-        quantize_static(
-            str(source),
-            str(work / "int8.onnx"),
-            calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            reduce_range=settings["reduce_range"],
-            activation_type=settings["activation_type"],
-            weight_type=settings["weight_type"],
-            nodes_to_exclude=sorted(set(auto) | set(exclude)),
-            calibrate_method=_method(calibration.method),
-            extra_options=settings["extra_options"],
-            calibration_cache_path=str(cache),
-        )
+
+    def qdq(nodes_to_exclude: list[str], path: Path) -> list[str]:
+        with _quiet():
+            quantize_static(
+                str(source),
+                str(path),
+                calibration_data_reader=None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                reduce_range=settings["reduce_range"],
+                activation_type=settings["activation_type"],
+                weight_type=settings["weight_type"],
+                nodes_to_exclude=sorted(set(auto) | set(nodes_to_exclude)),
+                calibrate_method=_method(calibration.method),
+                extra_options=settings["extra_options"],
+                calibration_cache_path=str(cache),
+            )
+        return quantized_compute_nodes(onnx.load(str(path), load_external_data=False))
+
+    latency: list[str] = []
+    latency_record = None
+    if latency_timer is not None and target == "onnxruntime":
+        latency, latency_record = choose_latency_exclusions(source, qdq, list(exclude), work, latency_timer)
+    qdq(sorted(set(exclude) | set(latency)), work / "int8.onnx")
     return {
         "target": target,
         "tool": f"onnxruntime.quantization.quantize_static {ort_version}",
@@ -295,21 +342,25 @@ def _quantize_ort(
         "preprocess_error": pre_error,
         "excluded_auto": auto,
         "excluded_fallback": sorted(set(exclude)),
+        "excluded_latency": latency,
+        "latency_probe": latency_record,
     }
 
 
 def quantized_compute_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of non-Q/DQ nodes that run in int8: weighted ops (Conv, Gemm, MatMul) whose weight comes
-    from a DequantizeLinear, other ops whose data input does. (An excluded conv may still read a
-    dequantized activation that another consumer needed; it does not run in int8.)"""
+    from a DequantizeLinear, Add/Mul whose inputs all do, other ops whose data input does. (An excluded
+    conv may still read a dequantized activation that another consumer needed; it does not run in int8.)"""
     producer = {out: node for node in model.graph.node for out in node.output}
     names = []
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not node.input:
             continue
         index = 1 if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else 0
-        src = producer.get(node.input[index])
-        if src is not None and src.op_type == "DequantizeLinear":
+        inputs = node.input if node.op_type in BINARY_OPS else [node.input[index]]
+        if all(
+            (src := producer.get(name)) is not None and src.op_type == "DequantizeLinear" for name in inputs
+        ):
             names.append(node.name)
     return names
 
@@ -426,6 +477,7 @@ def quantize_with_budget(
     preprocess_graph: bool = True,
     fp32_map: float | None = None,
     fallback_op_types: tuple[str, ...] | None = None,
+    latency_timer: Timer | None = None,
 ) -> BudgetResult:
     """INT8 within an accuracy budget: quantize, evaluate, and while mAP drops more than
     `budget_points` (mAP points, 0-100 scale) keep the `layers_per_round` most damaging layers in
@@ -434,6 +486,7 @@ def quantize_with_budget(
     `evaluate(graph_path)` returns the mAP of an ONNX graph as a fraction in [0, 1]; it is called on
     the float graph first (unless `fp32_map` is given) and on each round's int8 graph.
     `fallback_op_types` limits which quantized nodes may fall back (default: all but data movement).
+    `latency_timer` (onnxruntime): node groups measured faster in float are kept float from round 0.
     Calibration runs once; its ranges are reused by every round. The first round within budget is written to
     `out`; if none is, the most accurate one, with `within_budget=False`.
     """
@@ -453,7 +506,28 @@ def quantize_with_budget(
         source, pre_error = preprocess(head, work / "pre.onnx") if preprocess_graph else (head, None)
         cache = calibrate(source, reader, calibration, work / "calibration.json")
         batches = reader.arrays(sensitivity_batches)
-        excluded = list(exclude)
+        reasons = {name: "requested" for name in exclude}
+        latency_record = None
+        if latency_timer is not None and target == "onnxruntime":
+
+            def qdq(nodes: list[str], path: Path) -> list[str]:
+                return quantize_int8(
+                    source,
+                    path,
+                    target=target,
+                    reader=reader,
+                    calibration=calibration,
+                    per_channel=per_channel,
+                    exclude=nodes,
+                    preprocess_graph=False,
+                    calibration_cache=cache,
+                )["quantized_nodes"]
+
+            latency, latency_record = choose_latency_exclusions(
+                source, qdq, list(exclude), work, latency_timer
+            )
+            reasons |= {name: "latency" for name in latency if name not in reasons}
+        excluded = list(reasons)
         rounds: list[dict[str, Any]] = []
         best: tuple[float, Path, dict[str, Any], list[str]] | None = None
         chosen = None
@@ -469,6 +543,7 @@ def quantize_with_budget(
                 exclude=excluded,
                 preprocess_graph=False,
                 calibration_cache=cache,
+                exclude_reasons={name: reasons.get(name, "accuracy") for name in excluded},
             )
             head_graph = work / f"int8_round{round_index}_head.onnx"
             os.replace(graph, head_graph)
@@ -498,7 +573,13 @@ def quantize_with_budget(
             excluded += new
         value, graph, record, kept = chosen or best  # type: ignore[misc]
         os.replace(graph, out)
-    record = {**record, "preprocessed": preprocess_graph and pre_error is None, "preprocess_error": pre_error}
+    record = {
+        **record,
+        "preprocessed": preprocess_graph and pre_error is None,
+        "preprocess_error": pre_error,
+        "excluded_latency": sorted(n for n, why in reasons.items() if why == "latency"),
+        "latency_probe": latency_record,
+    }
     result = BudgetResult(out, chosen is not None, budget_points, reference, value, kept, rounds, record)
     record["fallback"] = result.to_dict()
     return result
