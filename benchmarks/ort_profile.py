@@ -1,6 +1,6 @@
 """Profile ONNX Runtime engines (ssdopt build output) with ORT's own profiler, batch 1, this CPU.
 
-Usage: python benchmarks/ort_profile.py ENGINE_DIR [ENGINE_DIR ...] [--runs 300] [--out prof.json]
+Usage: python benchmarks/ort_profile.py ENGINE_DIR [ENGINE_DIR ...] [--runs 300] [--threads N] [--out X.json]
 
 Per engine: time per op type (sum over nodes, mean per run), the top nodes, how many convolutions
 ran quantized (QLinearConv / ConvInteger / a fused QDQ conv) vs float, and depthwise (group == C)
@@ -35,7 +35,7 @@ def _groups(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     return info
 
 
-def profile(engine: Path, runs: int, images: np.ndarray) -> dict:
+def profile(engine: Path, runs: int, images: np.ndarray, threads: int | None = None) -> dict:
     import onnxruntime as ort
 
     from ssdopt.backends.base import Engine
@@ -44,7 +44,7 @@ def profile(engine: Path, runs: int, images: np.ndarray) -> dict:
     meta = Engine.open(engine).metadata
     if meta.get("has_decode_nms"):
         _use_engine_kernel(engine, meta)
-    options = _session_options(bool(meta.get("has_decode_nms")), meta["spec"].get("threads"))
+    options = _session_options(bool(meta.get("has_decode_nms")), threads or meta["spec"].get("threads"))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     tmp = tempfile.mkdtemp(prefix="ortprof-")
     options.enable_profiling = True
@@ -88,6 +88,7 @@ def profile(engine: Path, runs: int, images: np.ndarray) -> dict:
     return {
         "engine": str(engine),
         "precision": meta["precision"],
+        "threads": threads or meta["spec"].get("threads"),
         "runs": len(run_us),
         "model_run_us_median": run_us[len(run_us) // 2] if run_us else None,
         "kernel_us_per_run": round(sum(per_type.values()) / n, 1),
@@ -108,12 +109,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--calibration", type=Path, default=Path("data/calibration"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: the engine's)")
     args = parser.parse_args(argv)
     from ssdopt.quantize.calibration_reader import calibration_reader
 
     reader = calibration_reader(args.calibration, 320, "images", 32, 1)
     images = np.concatenate(reader.arrays(32))
-    results = [profile(e, args.runs, images) for e in args.engines]
+    results = [profile(e, args.runs, images, args.threads) for e in args.engines]
     text = json.dumps(results, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

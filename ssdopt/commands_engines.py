@@ -67,6 +67,7 @@ def build(
         hardware_compatible=bool(p.get("hardware_compatible", False)),
         version_compatible=bool(p.get("version_compatible", False)),
         int8_quantizer=p.get("int8_quantizer") or "auto",
+        int8_latency_probe=bool(p.get("int8_latency_probe", False)),
         performance_hint=p.get("performance_hint") or "LATENCY",
     )
     args = (

@@ -36,6 +36,7 @@ def build_spec_from_params() -> Any:
         per_channel=bool(p.get("per_channel", True)),
         int8_exclude=tuple(p.get("int8_exclude") or ()),
         int8_quantizer=p.get("int8_quantizer") or "auto",
+        int8_latency_probe=bool(p.get("int8_latency_probe", False)),
         performance_hint=p.get("performance_hint") or "LATENCY",
     )
 

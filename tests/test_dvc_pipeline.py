@@ -51,6 +51,7 @@ def _params() -> dict:
             "threads": 1,
             "calibration": {"directory": "data/calibration", "method": "minmax"},
             "int8_quantizer": "auto",
+            "int8_latency_probe": False,
             "performance_hint": "LATENCY",
         },
         "optimize": {

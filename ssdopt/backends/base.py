@@ -68,7 +68,9 @@ class BuildSpec:
     per_channel: bool = True
     int8_exclude: tuple[str, ...] = ()  # node names kept in float (accuracy fallback)
     int8_preprocess: bool = True  # onnxruntime quant_pre_process where it works
-    int8_latency_probe: bool = True  # onnxruntime int8: keep node groups float where measured faster
+    # onnxruntime int8: time node groups (depthwise convs, Mul, Add) int8 vs float at build, keep the
+    # faster (ssdopt.quantize.latency); off by default: on the AVX-512 VNNI Xeon it kept none (~25 s)
+    int8_latency_probe: bool = False
     fp16_keep_ops: tuple[str, ...] = ()  # extra op types kept fp32 on top of quantize.fp16's block list
     plugin_library: Path | None = None  # native SSDDecodeNMS library (tensorrt plugin)
     workspace_mib: int = 2048

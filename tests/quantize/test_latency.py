@@ -167,7 +167,6 @@ def test_ort_engine_keeps_an_excluded_conv_float(tiny_export, tiny_calibration, 
     spec = BuildSpec(
         calibration=CalibrationSpec(directory=tiny_calibration, method="minmax"),
         int8_exclude=(convs[1],),  # between two quantized convolutions
-        int8_latency_probe=False,
     )
     engine = build_engine("onnxruntime", "int8", tiny_export.model, tmp_path, spec)
     optimised = onnx.load(str(engine.file))
