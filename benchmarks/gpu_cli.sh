@@ -92,7 +92,7 @@ sweep)
   ;;
 peers)
   build fp16
-  bench 560 peers --limit 50 --peers "${PEERS:-torch-eager,torch-compile-reduce-overhead,torch-compile-max-autotune}" \
+  bench 560 peers --limit 50 --peers "${PEERS:-torch-eager,torch-compile-reduce-overhead,torch-compile-network-reduce-overhead}" \
     --engine "$(engine fp16)"
   ;;
 audit)

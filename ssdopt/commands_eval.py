@@ -67,7 +67,7 @@ def bench(
     ),
     peers: str | None = typer.Option(
         None,
-        help="torch-eager,torch-compile[-reduce-overhead|-max-autotune],openvino-nncf,"
+        help="torch-eager,torch-compile[-network][-reduce-overhead|-max-autotune],openvino-nncf,"
         "onnxruntime-quantize-static (params: bench.peers, "
         "bench.gpu.peers on cuda); the onnxruntime-fp32 accuracy reference is always measured.",
     ),

@@ -229,19 +229,54 @@ def compile_package(program: Any, path: Path, max_autotune: bool, threads: int |
     return Path(out)
 
 
-def compile_program(program_path: Path, max_autotune: bool = False, threads: int | None = None) -> Any:
-    """The GPU fallback: torch.compile (Inductor, freezing, no internal CUDA graphs) of the saved program."""
+# The GPU fallback's recipe for large batches (benchmarks/gpu_floor.py, H200, torch 2.11, ssdlite320 fp16,
+# one run; RESULTS.md): 1x1 convolutions as matmuls, channels-last forced, cuDNN picking its algorithms by
+# timing them: 29,273 img/s at batch 256 against 23,803 for the batch-1 recipe, but 0.555 against 0.534 ms
+# at batch 1. So batches from `large_batch_from` on get it; smaller ones keep the engine's own.
+LARGE_BATCH_CONFIGS: dict[str, Any] = {"conv_1x1_as_mm": True, "force_layout_optimization": True}
+
+
+def compile_program(
+    program_path: Path,
+    max_autotune: bool = False,
+    threads: int | None = None,
+    large_batch: dict[str, Any] | None = None,
+) -> Any:
+    """The GPU fallback: torch.compile (Inductor, freezing, no internal CUDA graphs) of the saved program.
+
+    large_batch: the engine's recorded recipe ({"from_batch", "inductor_configs", "cudnn_benchmark"}):
+    batches of from_batch and more run a second compile of the program with those configs (one loaded
+    module each, so their caches stay apart)."""
     import torch
 
     from ssdopt.ops.library import load_torch_ops
 
     load_torch_ops()
-    module = torch.export.load(str(program_path)).module()
     options = {**inductor_configs(max_autotune, threads), "triton.cudagraphs": False}
-    compiled = torch.compile(module, fullgraph=True, dynamic=False, options=options)
+    small = torch.compile(
+        torch.export.load(str(program_path)).module(), fullgraph=True, dynamic=False, options=options
+    )
+    large, from_batch = None, 0
+    if large_batch and int(large_batch.get("from_batch") or 0) > 0:
+        from_batch = int(large_batch["from_batch"])
+        large = torch.compile(
+            torch.export.load(str(program_path)).module(),
+            fullgraph=True,
+            dynamic=False,
+            options={**options, **large_batch.get("inductor_configs", {})},
+        )
+    cudnn_benchmark = bool((large_batch or {}).get("cudnn_benchmark"))
 
     def forward(images: Any) -> Any:
         with torch.no_grad():
-            return compiled(images)
+            if large is None or images.shape[0] < from_batch:
+                return small(images)
+            benchmark = torch.backends.cudnn.benchmark
+            # cuDNN times its algorithms in the runner's warm-up, before the CUDA graph is captured
+            torch.backends.cudnn.benchmark = cudnn_benchmark or benchmark
+            try:
+                return large(images)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
 
     return forward

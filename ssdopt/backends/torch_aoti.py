@@ -19,7 +19,9 @@ signal, not fatal) and records the runtime to use in metadata.json `settings.gpu
 "aoti" (the package) or "compile" (in-process `torch.compile` of program.pt2: the same exported
 program, op inside). Either way the CUDA runner captures the whole detector in a CUDA graph per batch
 size and replays it from a static input buffer. `AotiOptions.gpu_runtime` (env SSDOPT_AOTI_GPU_RUNTIME:
-auto | aoti | compile) forces a path; SSDOPT_AOTI_MAX_AUTOTUNE=1 turns on max-autotune.
+auto | aoti | compile) forces a path; SSDOPT_AOTI_MAX_AUTOTUNE=1 turns on max-autotune. The compile path
+runs batches from `AotiOptions.large_batch_from` (env SSDOPT_AOTI_LARGE_BATCH_FROM, 0: never) with the
+large-batch recipe of aoti_detector.LARGE_BATCH_CONFIGS, recorded in `settings.large_batch_recipe`.
 
 Pieces: aoti_detector.py (the one-graph detector, export, compile, which checkpoint), aoti_package.py
 (layers, fusion report and the load probe, read from the .pt2), this module (backend and runner).
@@ -41,6 +43,7 @@ import numpy as np
 
 from ssdopt.backends.aoti_detector import (
     INPUT_NAME,
+    LARGE_BATCH_CONFIGS,
     NAME,
     TORCH_DTYPES,
     compile_package,
@@ -100,6 +103,7 @@ class AotiOptions:
     gpu_runtime: str = "auto"  # auto: probe aoti_load_package in a child process at build
     cuda_graphs: bool = True  # CUDA runner: capture + replay per batch size
     probe_timeout_s: float = 900.0
+    large_batch_from: int = 32  # GPU compile fallback: LARGE_BATCH_CONFIGS from this batch on (0: never)
 
     def __post_init__(self) -> None:
         if self.gpu_runtime not in GPU_RUNTIMES:
@@ -112,7 +116,12 @@ class AotiOptions:
     @classmethod
     def from_env(cls) -> AotiOptions:
         flag = os.environ.get("SSDOPT_AOTI_MAX_AUTOTUNE", "0").strip().lower() in ("1", "true", "yes", "on")
-        return cls(max_autotune=flag, gpu_runtime=os.environ.get("SSDOPT_AOTI_GPU_RUNTIME", "auto").strip())
+        large = os.environ.get("SSDOPT_AOTI_LARGE_BATCH_FROM", "").strip()
+        return cls(
+            max_autotune=flag,
+            gpu_runtime=os.environ.get("SSDOPT_AOTI_GPU_RUNTIME", "auto").strip(),
+            large_batch_from=int(large) if large.isdigit() else cls.large_batch_from,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +399,12 @@ class TorchAotiBackend:
             settings["gpu_runtime_reason"] = f"forced by the option gpu_runtime={runtime}"
         settings["gpu_runtime"] = runtime
         settings["cuda_graphs"] = self.options.cuda_graphs
+        if runtime == "compile" and self.options.large_batch_from:
+            settings["large_batch_recipe"] = {
+                "from_batch": self.options.large_batch_from,
+                "inductor_configs": LARGE_BATCH_CONFIGS,
+                "cudnn_benchmark": True,
+            }
         return settings
 
     # -- load ----------------------------------------------------------------------------------
@@ -412,8 +427,12 @@ class TorchAotiBackend:
         if runtime == "aoti":
             forward = torch._inductor.aoti_load_package(str(engine / ENGINE_FILE))
         else:
+            recipe = meta["settings"].get("large_batch_recipe") if kind == "cuda" else None
             forward = compile_program(
-                engine / PROGRAM_FILE, self.options.max_autotune, meta["spec"].get("threads")
+                engine / PROGRAM_FILE,
+                self.options.max_autotune,
+                meta["spec"].get("threads"),
+                large_batch=recipe,
             )
         if kind == "cpu" and meta["spec"].get("threads"):  # process-wide: the engine's oneDNN/ATen calls
             torch.set_num_threads(int(meta["spec"]["threads"]))

@@ -44,11 +44,15 @@ REFERENCE = ("onnxruntime", "fp32")  # graph "head+reference-decode": the delta_
 PEERS = ("torch-eager", "torch-compile", "onnxruntime-fp32")
 PEER_ROUTE_NAMES = ("openvino-nncf", "onnxruntime-quantize-static")  # = ssdopt.evaluate.peers.PEER_ROUTES
 # plus the routes of ssdopt.evaluate.peers (they need the DVC calibration set): params bench.peers
-# torch.compile modes a PyTorch user would pick on a GPU (peer name -> mode; "torch-compile" is default)
-COMPILE_PEERS = {
-    "torch-compile": None,
-    "torch-compile-reduce-overhead": "reduce-overhead",
-    "torch-compile-max-autotune": "max-autotune",
+# torch.compile modes a PyTorch user would pick on a GPU: peer name -> (mode, what is compiled). "detector"
+# is the whole torchvision SSD, post-processing included; "network" is what a user falls back to when that
+# fails (torch 2.11 on the H200, RESULTS.md): backbone and head compiled, anchors + post-processing eager.
+COMPILE_PEERS: dict[str, tuple[str | None, str]] = {
+    "torch-compile": (None, "detector"),
+    "torch-compile-reduce-overhead": ("reduce-overhead", "detector"),
+    "torch-compile-max-autotune": ("max-autotune", "detector"),
+    "torch-compile-network-reduce-overhead": ("reduce-overhead", "network"),
+    "torch-compile-network-max-autotune": ("max-autotune", "network"),
 }
 DEVICES = ("cpu", "cuda")
 NMS_GRAPH = "model_nms.onnx"
@@ -81,6 +85,14 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise SsdoptError(f"--device {self.device}", f"one of {', '.join(DEVICES)}", "fix the flag")
+        known = ("torch-eager", "onnxruntime-fp32", *COMPILE_PEERS, *PEER_ROUTE_NAMES)
+        unknown = [p for p in self.peers if p not in known]
+        if unknown:
+            raise SsdoptError(
+                f"--peers {','.join(unknown)}",
+                f"peers among {', '.join(known)}",
+                "fix the flag or params.yaml bench.peers / bench.gpu.peers",
+            )
 
 
 @dataclass
@@ -281,6 +293,24 @@ def eager_row(ctx: BenchContext, cfg: BenchConfig) -> dict[str, Any]:
     return row
 
 
+def _cuda_graph_steps_class() -> type:
+    import torch
+
+    class CudaGraphSteps(torch.nn.Module):
+        """reduce-overhead replays CUDA graphs whose outputs the next replay overwrites: each call of the
+        model is one step (PyTorch's documented fix; without it the network route fails on the GPU)."""
+
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images: Any) -> Any:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.inner(images)
+
+    return CudaGraphSteps
+
+
 def _compile_child(
     checkpoint: str,
     dataset_json: str,
@@ -288,6 +318,7 @@ def _compile_child(
     cfg: BenchConfig,
     pipe: Any,
     mode: str | None = None,
+    scope: str = "detector",
 ) -> None:
     """Runs in a fresh (spawned) process: a fork after torch used its thread pool hangs (measured), and
     a compile that takes too long must be killable."""
@@ -301,7 +332,16 @@ def _compile_child(
         ds = subset(load_coco(Path(dataset_json)), limit)
         size = model_image_size(model)
         start = time.perf_counter()
-        compiled = torch.compile(model, mode=mode)
+        if scope == "network":  # backbone and head compiled in place; the model's own forward around them
+            model.backbone = torch.compile(model.backbone, mode=mode)
+            model.head = torch.compile(model.head, mode=mode)
+            target = model
+        else:
+            target = torch.compile(model, mode=mode)
+
+        # eval(): predict_dataset restores the training flag it found, and a new module starts in training
+        compiled = _cuda_graph_steps_class()(target).eval() if mode == "reduce-overhead" else target
+
         with torch.inference_mode():
             images = [i.to(cfg.device) for i in _torch_images(size, cfg.batch)]
             compiled(images)
@@ -322,15 +362,17 @@ def _compile_child(
 def compile_row(ctx: BenchContext, cfg: BenchConfig, peer: str = "torch-compile") -> dict[str, Any]:
     """`torch.compile` of the whole torchvision detector (post-processing included) in one of its modes;
     ❌ with the reason if it fails or exceeds the timeout (the build time is bounded, not unlimited)."""
-    mode = COMPILE_PEERS[peer]
+    mode, scope = COMPILE_PEERS[peer]
     label = f"torchvision SSD, torch.compile {mode or 'default'}"
+    if scope == "network":
+        label += " of backbone + head (anchors, post-processing eager)"
     row = _row(peer, "fp32", label, _device_name(cfg.device), cfg.batch)
     if ctx.checkpoint is None:
         row["reason"] = "torch.compile runs in a fresh process from a checkpoint file; none was given"
         return row
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
-    args = (str(ctx.checkpoint), str(ctx.dataset.path), len(ctx.dataset.images), cfg, send, mode)
+    args = (str(ctx.checkpoint), str(ctx.dataset.path), len(ctx.dataset.images), cfg, send, mode, scope)
     child = context.Process(target=_compile_child, args=args, daemon=True)
     child.start()
     send.close()

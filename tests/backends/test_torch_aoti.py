@@ -439,3 +439,65 @@ def test_cuda_engine_replays_a_cuda_graph_and_matches(model, tmp_path, runtime) 
         box_tol=1e-2,
     )
     assert not problems, problems[:5]
+
+
+def test_large_batch_recipe_runs_its_own_compile_from_its_batch(fp32_engine, monkeypatch) -> None:
+    """compile_program with a recorded large-batch recipe: batches below from_batch run the engine's own
+    compile, the others a second compile with the recipe's configs and cudnn.benchmark on for the call
+    only; both give the program's detections. torch.compile is recorded, not run (the GPU path)."""
+    from ssdopt.backends.aoti_detector import LARGE_BATCH_CONFIGS, compile_program
+
+    compiled, calls = [], []
+
+    def record(module, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        compiled.append(kwargs["options"])
+        index = len(compiled) - 1
+
+        def run(images):  # noqa: ANN001, ANN202
+            calls.append((index, int(images.shape[0]), torch.backends.cudnn.benchmark))
+            return module(images)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", record)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    recipe = {"from_batch": 2, "inductor_configs": LARGE_BATCH_CONFIGS, "cudnn_benchmark": True}
+    forward = compile_program(fp32_engine.path / "program.pt2", large_batch=recipe)
+    assert len(compiled) == 2 and "conv_1x1_as_mm" not in compiled[0]
+    assert compiled[1] == {**compiled[0], **LARGE_BATCH_CONFIGS}
+    one, two = fresh_images(1, seed=8), fresh_images(2, seed=9)
+    small, large = forward(one), forward(two)
+    assert calls == [(0, 1, False), (1, 2, True)] and torch.backends.cudnn.benchmark is False
+    runner = TorchAotiBackend(AotiOptions(gpu_runtime="aoti")).load(fp32_engine.path)
+    for images, got in ((one, small), (two, large)):
+        want = as_tensors(runner.infer(images))
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-4)
+    compile_program(fp32_engine.path / "program.pt2", large_batch=None)
+    assert len(compiled) == 3  # no recipe: one compile
+
+
+def test_large_batch_option_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SSDOPT_AOTI_LARGE_BATCH_FROM", "0")
+    assert AotiOptions.from_env().large_batch_from == 0
+    monkeypatch.delenv("SSDOPT_AOTI_LARGE_BATCH_FROM")
+    assert AotiOptions.from_env().large_batch_from == AotiOptions.large_batch_from > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_cuda_large_batch_recipe_is_recorded_and_matches(model, tmp_path) -> None:
+    backend = TorchAotiBackend(AotiOptions(gpu_runtime="compile", large_batch_from=2))
+    engine = backend.build_from_model(
+        model, BuildSpec(precision="fp32", device="cuda", max_batch=3), tmp_path / "e"
+    )
+    assert engine.metadata["settings"]["large_batch_recipe"]["from_batch"] == 2
+    runner = backend.load(engine.path)
+    for batch in (1, 3):
+        images = fresh_images(batch, seed=10 + batch)
+        problems = _nms_matching().compare_detections(
+            as_tensors(runner.infer(images)),
+            eager_reference(model, images),
+            decode_attributes(model, IMAGE_SIZE),
+            score_tol=1e-3,
+            box_tol=1e-2,
+        )
+        assert not problems, problems[:5]

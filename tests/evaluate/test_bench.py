@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,47 @@ def test_gpu_plan_keeps_the_accuracy_reference_on_the_cpu(monkeypatch, tmp_path)
     ) in calls
     with pytest.raises(SsdoptError, match="one of cpu, cuda"):
         bench.BenchConfig(device="gpu")
+
+
+class _Pipe:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message) -> None:  # noqa: ANN001
+        self.sent.append(message)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_network_compile_peer_compiles_backbone_and_head_only(bench_dataset, monkeypatch, mode) -> None:
+    """torch-compile-network-*: torchvision's SSD with its backbone and head compiled in place (what a
+    user falls back to when the whole detector does not compile), anchors and post-processing eager;
+    reduce-overhead marks a CUDA-graph step per call. torch.compile is recorded, not run."""
+    import torch
+
+    import ssdopt.evaluate.bench as bench
+    from ssdopt.evaluate.latency import TimingPlan
+
+    compiled, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: compiled.append((type(m).__name__, mode)) or m)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    cfg = bench.BenchConfig(plan=TimingPlan.quick(), eval_batch=2, progress=False)
+    pipe = _Pipe()
+    checkpoint = Path(__file__).parents[2] / "data/reference/ssdlite320_shapes.safetensors"
+    bench._compile_child(str(checkpoint), str(bench_dataset), 2, cfg, pipe, mode, "network")
+    (result,) = pipe.sent
+    assert result["ok"], result
+    assert [name for name, _ in compiled] == ["SSDLiteFeatureExtractorMobileNet", "SSDLiteHead"]
+    assert {m for _, m in compiled} == {mode} and result["detections"]
+    assert (len(steps) > 0) == (mode == "reduce-overhead")
+    assert bench.COMPILE_PEERS["torch-compile-network-" + (mode or "max-autotune")][1] == "network"
+
+
+def test_unknown_peer_is_refused() -> None:
+    from ssdopt.errors import SsdoptError
+    from ssdopt.evaluate.bench import BenchConfig
+
+    with pytest.raises(SsdoptError, match="torch-compile-network-reduce-overhead"):
+        BenchConfig(peers=("torch-eager", "torch-compile-netwrk"))
