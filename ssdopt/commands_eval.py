@@ -41,7 +41,7 @@ def build_spec_from_params() -> Any:
     )
 
 
-def _batches(flag: str | None, default: Iterable[int]) -> tuple[int, ...]:
+def _batches(flag: str | None, default: Iterable[int], name: str = "--throughput-batches") -> tuple[int, ...]:
     """`--throughput-batches 1,32,256` (the flag wins over params; '' turns the sweep off)."""
     if flag is None:
         return tuple(int(b) for b in default)
@@ -50,9 +50,7 @@ def _batches(flag: str | None, default: Iterable[int]) -> tuple[int, ...]:
     except ValueError:
         batches = (0,)
     if any(b < 1 for b in batches):
-        raise SsdoptError(
-            f"--throughput-batches {flag}", "a comma list of positive batch sizes", "e.g. 1,32,256"
-        )
+        raise SsdoptError(f"{name} {flag}", "a comma list of positive integers", "e.g. 1,32,256")
     return batches
 
 
@@ -79,6 +77,11 @@ def bench(
     eval_batch: int | None = typer.Option(None, help="Batch for the mAP pass (params: bench.eval_batch)."),
     throughput_batches: str | None = typer.Option(
         None, help="Batch sizes for best images/s; '' = none (params: bench.throughput_batches)."
+    ),
+    throughput_streams: str | None = typer.Option(
+        None,
+        help="CPU: requests in flight at each row's best batch, e.g. 1,2; '' = none "
+        "(params: bench.throughput_streams).",
     ),
     compile_timeout_s: float | None = typer.Option(
         None, help="Bound on each torch.compile peer, build + first call (params: bench.compile_timeout_s)."
@@ -122,6 +125,9 @@ def bench(
         eval_batch=int(pick(eval_batch, p, "eval_batch", 8)),
         rounds=1 if quick else int(p.get("rounds", 1)),
         throughput_batches=_batches(throughput_batches, () if quick else p.get("throughput_batches") or ()),
+        throughput_streams=_batches(
+            throughput_streams, () if quick else p.get("throughput_streams") or (), "--throughput-streams"
+        ),
         spec=replace(build_spec_from_params(), device=device),
         extra_engines=tuple(engine or ()),
         device=device,

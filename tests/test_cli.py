@@ -57,3 +57,5 @@ def test_throughput_batches_flag() -> None:
     for bad in ("0", "a,2", "-4"):
         with pytest.raises(SsdoptError, match="--throughput-batches"):
             _batches(bad, [1])
+    with pytest.raises(SsdoptError, match="--throughput-streams 0"):
+        _batches("0", [1], "--throughput-streams")

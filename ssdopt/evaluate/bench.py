@@ -80,6 +80,7 @@ class BenchConfig:
     split: bool = True  # CPU: network alone vs the op directly vs torchvision post-processing (time_split)
     split_rounds: int = 3  # interleaved (engine end to end, network alone) pairs per fused fp32 engine
     throughput_batches: tuple[int, ...] = ()  # best images/s over these batch sizes (throughput_sweep)
+    throughput_streams: tuple[int, ...] = ()  # CPU: requests in flight at the best batch (streams.py)
     rounds: int = 1  # >= 2: every CPU row timed again in interleaved rounds, ratios per round (interleave)
 
     def __post_init__(self) -> None:
@@ -738,32 +739,85 @@ def throughput_sweep(ctx: BenchContext, cfg: BenchConfig, rows: list[dict[str, A
     """Best images/s over `cfg.throughput_batches` (one synchronous request each) for every built
     engine and, on the CPU, every peer route: `best_throughput_ips`, `best_throughput_batch` and
     `throughput_by_batch`. On the GPU only the engines are swept (one runner per engine, the batch
-    resident on the GPU): torchvision eager at batch 256 would take the whole budget."""
-    import torch
-
-    if not cfg.throughput_batches:
+    resident on the GPU): torchvision eager at batch 256 would take the whole budget. On the CPU,
+    `cfg.throughput_streams` then runs several requests in flight at each row's best batch."""
+    if not cfg.throughput_batches and not cfg.throughput_streams:
         return
     plan = replace(cfg.plan, min_duration_s=min(cfg.plan.min_duration_s, 1.0), min_iterations=20)
     if cfg.device != "cpu":
-        _gpu_throughput_sweep(cfg, rows, plan)
+        if cfg.throughput_batches:
+            _gpu_throughput_sweep(cfg, rows, plan)
         return
     for row in rows:
         if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row["p50_ms"]:
             continue
         if not (row.get("engine") or row["backend"] in PEER_ROUTE_NAMES):
             continue
-        by_batch: dict[int, float | str] = {}
-        for batch in cfg.throughput_batches:
-            fn, close = _row_timer(row, ctx, cfg, batch)
-            try:
-                with torch.inference_mode():
-                    by_batch[batch] = time_host(fn, plan, batch).throughput_ips
-            except Exception as exc:  # noqa: BLE001 - e.g. an engine built for a smaller max batch
-                by_batch[batch] = _reason(exc)
-            finally:
+        if cfg.throughput_batches:
+            _batch_sweep(row, ctx, cfg, plan)
+        if cfg.throughput_streams:
+            _stream_sweep(row, ctx, cfg, plan)
+
+
+def _batch_sweep(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, plan: TimingPlan) -> None:
+    """images/s of one synchronous request at each of `cfg.throughput_batches`."""
+    import torch
+
+    by_batch: dict[int, float | str] = {}
+    for batch in cfg.throughput_batches:
+        fn, close = _row_timer(row, ctx, cfg, batch)
+        try:
+            with torch.inference_mode():
+                by_batch[batch] = time_host(fn, plan, batch).throughput_ips
+        except Exception as exc:  # noqa: BLE001 - e.g. an engine built for a smaller max batch
+            by_batch[batch] = _reason(exc)
+        finally:
+            if close is not None:
+                close()
+    _set_sweep(row, by_batch)
+
+
+def _stream_sweep(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, plan: TimingPlan) -> None:
+    """images/s with each of `cfg.throughput_streams` requests in flight, one runner per stream, at the
+    row's best batch (ssdopt.evaluate.streams): `throughput_by_streams`; a better figure than the batch
+    sweep's becomes `best_throughput_ips`, with `best_throughput_streams`."""
+    import torch
+
+    from ssdopt.evaluate.streams import concurrent_images_per_s
+
+    def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():  # thread-local: set in each stream's own thread
+                return fn()
+
+        return call
+
+    batch = int(row.get("best_throughput_batch") or cfg.batch)
+    by_streams: dict[int, float | str] = {}
+    for streams in cfg.throughput_streams:
+        timers: list[tuple[Callable[[], Any], Any]] = []
+        try:
+            timers = [_row_timer(row, ctx, cfg, batch) for _ in range(streams)]
+            calls = [no_grad(fn) for fn, _ in timers]
+            by_streams[streams] = concurrent_images_per_s(calls, batch, plan.min_duration_s)
+        except Exception as exc:  # noqa: BLE001 - reported per stream count, the sweep goes on
+            by_streams[streams] = _reason(exc)
+        finally:
+            for _, close in timers:
                 if close is not None:
                     close()
-        _set_sweep(row, by_batch)
+    row["throughput_streams_batch"] = batch
+    row["throughput_by_streams"] = {str(n): None if isinstance(v, str) else v for n, v in by_streams.items()}
+    errors = {str(n): v for n, v in by_streams.items() if isinstance(v, str)}
+    if errors:
+        row["throughput_stream_errors"] = errors
+    measured = {n: v for n, v in by_streams.items() if not isinstance(v, str) and v}
+    if measured:
+        best = max(measured, key=lambda n: measured[n])
+        if measured[best] > (row.get("best_throughput_ips") or 0.0):
+            row.update(
+                best_throughput_ips=measured[best], best_throughput_batch=batch, best_throughput_streams=best
+            )
 
 
 def _gpu_throughput_sweep(cfg: BenchConfig, rows: list[dict[str, Any]], plan: TimingPlan) -> None:

@@ -45,7 +45,9 @@ FORMATS: dict[str, Callable[[Any], str]] = {
 def cell(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if key == "best_throughput_ips" and value is not None:
-        return f"{value:.0f} ({row.get('best_throughput_batch')})"
+        streams = row.get("best_throughput_streams") or 1
+        where = f"{row.get('best_throughput_batch')}" + (f", {streams} streams" if streams > 1 else "")
+        return f"{value:.0f} ({where})"
     if value is None and key == "agreement" and row.get("delta_map") is not None:
         return "n/a"  # validated, but the reference had no confident detection to agree with
     if value is None:

@@ -67,6 +67,7 @@ def peer_rows(bench_run, tiny_calibration, tmp_path_factory):  # noqa: ANN001, A
         progress=False,
         rounds=2,
         throughput_batches=(1, 2),
+        throughput_streams=(1, 2),
         spec=replace(base.spec, calibration=replace(base.spec.calibration, directory=tiny_calibration)),
     )
     out = tmp_path_factory.mktemp("peer-reports")
@@ -165,3 +166,17 @@ def test_best_throughput_over_batch_sizes(peer_rows) -> None:  # noqa: ANN001
         assert set(measured) == {1, 2}, row.get("throughput_errors")
         assert row["best_throughput_ips"] == max(measured.values())
         assert measured[row["best_throughput_batch"]] == row["best_throughput_ips"]
+
+
+def test_streams_are_swept_at_the_best_batch(peer_rows) -> None:  # noqa: ANN001
+    """Engines and peer routes: images/s with 1 and 2 requests in flight, at the batch the batch sweep
+    found best; the best figure over batches and streams is the row's best_throughput_ips."""
+    rows, out = peer_rows
+    swept = [r for r in rows if r.get("throughput_by_streams")]
+    assert {r["backend"] for r in swept} >= {"onnxruntime", *PEER_ROUTES}
+    for row in swept:
+        assert set(row["throughput_by_streams"]) == {"1", "2"}, row.get("throughput_stream_errors")
+        assert all(v and v > 0 for v in row["throughput_by_streams"].values())
+        assert row["throughput_streams_batch"] in (1, 2)
+        best = max([*row["throughput_by_batch"].values(), *row["throughput_by_streams"].values()])
+        assert row["best_throughput_ips"] == pytest.approx(best)
