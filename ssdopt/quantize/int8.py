@@ -33,6 +33,7 @@ from typing import Any
 import onnx
 
 from ssdopt.errors import SsdoptError
+from ssdopt.quantize.budget import budget_rounds, checked_map
 from ssdopt.quantize.calibration_reader import CalibrationSpec, ImageBatches
 from ssdopt.quantize.decode_node import detach_file, reattach_decode, reattach_file
 from ssdopt.quantize.entropy import entropy_threshold
@@ -449,17 +450,6 @@ class BudgetResult:
         }
 
 
-def _checked_map(value: float, what: str) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise SsdoptError(
-            f"evaluate({what}) = {value}",
-            "mAP as a fraction in [0, 1] (as pycocotools reports it)",
-            "return stats[0] of COCOeval, not a percentage",
-        )
-    return value
-
-
 def quantize_with_budget(
     onnx_path: Path | str,
     out: Path | str,
@@ -501,7 +491,7 @@ def quantize_with_budget(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.budget-") as tmp:
         work = Path(tmp)
-        reference = _checked_map(evaluate(onnx_path) if fp32_map is None else fp32_map, str(onnx_path))
+        reference = checked_map(evaluate(onnx_path) if fp32_map is None else fp32_map, str(onnx_path))
         head, detached = detach_file(onnx_path, work / "head.onnx")
         source, pre_error = preprocess(head, work / "pre.onnx") if preprocess_graph else (head, None)
         cache = calibrate(source, reader, calibration, work / "calibration.json")
@@ -527,11 +517,10 @@ def quantize_with_budget(
                 source, qdq, list(exclude), work, latency_timer
             )
             reasons |= {name: "latency" for name in latency if name not in reasons}
-        excluded = list(reasons)
-        rounds: list[dict[str, Any]] = []
-        best: tuple[float, Path, dict[str, Any], list[str]] | None = None
-        chosen = None
-        for round_index in range(max_rounds + 1):
+
+        def build(round_index: int, nodes: list[str]) -> tuple[tuple[Path, Path, dict[str, Any]], float]:
+            """This round's int8 graph (decode node back on) with `nodes` float, its head-only graph
+            (what layer_sensitivity compares), its record, and its mAP."""
             graph = work / f"int8_round{round_index}.onnx"
             record = quantize_int8(
                 source,
@@ -540,38 +529,29 @@ def quantize_with_budget(
                 reader=reader,
                 calibration=calibration,
                 per_channel=per_channel,
-                exclude=excluded,
+                exclude=nodes,
                 preprocess_graph=False,
                 calibration_cache=cache,
-                exclude_reasons={name: reasons.get(name, "accuracy") for name in excluded},
+                exclude_reasons={name: reasons.get(name, "accuracy") for name in nodes},
             )
             head_graph = work / f"int8_round{round_index}_head.onnx"
             os.replace(graph, head_graph)
             onnx.save(reattach_decode(onnx.load(str(head_graph)), detached), str(graph))
-            value = _checked_map(evaluate(graph), str(graph))
-            drop = 100.0 * (reference - value)
-            rounds.append(
-                {
-                    "round": round_index,
-                    "fallback_layers": list(excluded),
-                    "map": value,
-                    "drop_points": round(drop, 4),
-                }
-            )
-            if best is None or value > best[0]:
-                best = (value, graph, record, list(excluded))
-            if drop <= budget_points:
-                chosen = (value, graph, record, list(excluded))
-                break
-            if round_index == max_rounds:
-                break
-            ranking = layer_sensitivity(source, head_graph, batches, reader.input_name, fallback_op_types)
-            rounds[-1]["sensitivity"] = ranking[: max(layers_per_round * 3, 5)]
-            new = [row["node"] for row in ranking if row["node"] not in excluded][:layers_per_round]
-            if not new:
-                break
-            excluded += new
-        value, graph, record, kept = chosen or best  # type: ignore[misc]
+            return (graph, head_graph, record), checked_map(evaluate(graph), str(graph))
+
+        def rank(candidate: tuple[Path, Path, dict[str, Any]]) -> list[dict[str, Any]]:
+            return layer_sensitivity(source, candidate[1], batches, reader.input_name, fallback_op_types)
+
+        outcome = budget_rounds(
+            build,
+            rank,
+            reference=reference,
+            exclude=list(reasons),
+            budget_points=budget_points,
+            max_rounds=max_rounds,
+            layers_per_round=layers_per_round,
+        )
+        graph, _, record = outcome.candidate
         os.replace(graph, out)
     record = {
         **record,
@@ -580,6 +560,15 @@ def quantize_with_budget(
         "excluded_latency": sorted(n for n, why in reasons.items() if why == "latency"),
         "latency_probe": latency_record,
     }
-    result = BudgetResult(out, chosen is not None, budget_points, reference, value, kept, rounds, record)
+    result = BudgetResult(
+        out,
+        outcome.within_budget,
+        budget_points,
+        reference,
+        outcome.map,
+        outcome.excluded,
+        outcome.rounds,
+        record,
+    )
     record["fallback"] = result.to_dict()
     return result

@@ -12,8 +12,8 @@ model (FakeQuantize nodes OpenVINO's CPU plugin fuses into u8/i8 convolutions), 
   default range estimators and fast bias correction. build.calibration.method applies to the
   ORT-made Q/DQ only.
 - Accuracy budget (build.accuracy): quantize, evaluate, and while mAP drops more than the budget
-  keep the most damaging quantized layers in float through ignored_scope names, the same loop as
-  `quantize_with_budget` (ranked by SNR lost per layer, `ov_layer_sensitivity`).
+  keep the most damaging quantized layers in float through ignored_scope names: the loop of
+  `quantize_with_budget` (ssdopt.quantize.budget), ranked by SNR lost per layer (`ov_layer_sensitivity`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ssdopt.errors import SsdoptError
+from ssdopt.quantize.budget import budget_rounds, checked_map
 from ssdopt.quantize.calibration_reader import (
     CalibrationSpec,
     ImageBatches,
@@ -157,17 +158,6 @@ def ov_layer_sensitivity(
     return rows
 
 
-def _checked_map(value: float, what: str) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise SsdoptError(
-            f"evaluate({what}) = {value}",
-            "mAP as a fraction in [0, 1] (as pycocotools reports it)",
-            "return stats[0] of COCOeval, not a percentage",
-        )
-    return value
-
-
 def quantize_openvino(
     onnx_path: Path,
     out_xml: Path,
@@ -214,52 +204,39 @@ def quantize_openvino(
             "take names from layers.json (originalLayersNames), or set build.int8_quantizer: onnxruntime",
         )
     excluded = list(exclude)
-    rounds: list[dict[str, Any]] = []
     fallback: dict[str, Any] | None = None
     if evaluate is None:
         quantized = _nncf_quantize(model, images, excluded, has_nms)
     else:
-        reference = _checked_map(evaluate(Path(onnx_path)), str(onnx_path))
+        reference = checked_map(evaluate(Path(onnx_path)), str(onnx_path))
         batches = reader.arrays(sensitivity_batches)
-        best: tuple[float, Any, list[str]] | None = None
-        chosen = None
         with tempfile.TemporaryDirectory(dir=Path(out_xml).parent, prefix=".nncf-budget-") as tmp:
-            for round_index in range(max_rounds + 1):
-                quantized = _nncf_quantize(model, images, excluded, has_nms)
+
+            def build(round_index: int, nodes: list[str]) -> tuple[Any, float]:
+                """This round's NNCF model with `nodes` float, and the mAP of its saved IR."""
+                quantized = _nncf_quantize(model, images, nodes, has_nms)
                 candidate = Path(tmp) / f"int8_round{round_index}.xml"
                 ov.save_model(quantized, str(candidate), compress_to_fp16=False)
-                value = _checked_map(evaluate(candidate), str(candidate))
-                drop = 100.0 * (reference - value)
-                rounds.append(
-                    {
-                        "round": round_index,
-                        "fallback_layers": list(excluded),
-                        "map": value,
-                        "drop_points": round(drop, 4),
-                    }
-                )
-                if best is None or value > best[0]:
-                    best = (value, quantized, list(excluded))
-                if drop <= budget_points:
-                    chosen = (value, quantized, list(excluded))
-                    break
-                if round_index == max_rounds:
-                    break
-                ranking = ov_layer_sensitivity(core, model, quantized, batches)
-                rounds[-1]["sensitivity"] = ranking[: max(layers_per_round * 3, 5)]
-                new = [row["node"] for row in ranking if row["node"] not in excluded][:layers_per_round]
-                if not new:
-                    break
-                excluded += new
-        value, quantized, excluded = chosen or best  # type: ignore[misc]
+                return quantized, checked_map(evaluate(candidate), str(candidate))
+
+            outcome = budget_rounds(
+                build,
+                lambda quantized: ov_layer_sensitivity(core, model, quantized, batches),
+                reference=reference,
+                exclude=excluded,
+                budget_points=budget_points,
+                max_rounds=max_rounds,
+                layers_per_round=layers_per_round,
+            )
+        quantized, excluded = outcome.candidate, outcome.excluded
         fallback = {
-            "within_budget": chosen is not None,
+            "within_budget": outcome.within_budget,
             "budget_points": budget_points,
             "fp32_map": reference,
-            "int8_map": value,
-            "drop_points": round(100.0 * (reference - value), 4),
+            "int8_map": outcome.map,
+            "drop_points": round(100.0 * (reference - outcome.map), 4),
             "fallback_layers": excluded,
-            "rounds": rounds,
+            "rounds": outcome.rounds,
         }
     # compress_to_fp16 defaults to True: it would turn the float weights left (excluded layers) into fp16.
     ov.save_model(quantized, str(out_xml), compress_to_fp16=False)

@@ -59,28 +59,14 @@ def test_sensitivity_input_snr_matches_an_independent_qdq_of_the_image(
     assert row["snr_out_db"] < row["snr_in_db"]
 
 
-def test_fallback_keeps_the_most_sensitive_layers_until_within_budget(
-    tiny_export, tiny_calibration, tmp_path
-):
-    reader = calibration_reader(tiny_calibration, 64)
+def test_fallback_keeps_the_most_sensitive_layers_until_within_budget(ort_budget):
     seen: list[Path] = []
 
     def evaluate(path: Path) -> float:
         seen.append(path)
         return fake_map(path)
 
-    result = quantize_with_budget(
-        tiny_export.model,
-        tmp_path / "int8.onnx",
-        target="onnxruntime",
-        reader=reader,
-        evaluate=evaluate,
-        calibration=MINMAX,
-        fallback_op_types=("Conv",),
-        budget_points=1.0,
-        layers_per_round=2,
-        max_rounds=4,
-    )
+    result = ort_budget(evaluate, budget_points=1.0, layers_per_round=2, max_rounds=4)
     # 7 convs quantized: 4.2 points; each round keeps 2 more in float: 3.0, 1.8, 0.6 -> within budget.
     assert [r["drop_points"] for r in result.rounds] == pytest.approx([4.2, 3.0, 1.8, 0.6])
     assert result.within_budget and result.drop_points == pytest.approx(0.6)

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ssdopt.backends import BuildSpec, CalibrationSpec, get_backend
 from ssdopt.build import build_engine
 from ssdopt.quantize.calibration_reader import calibration_reader
-from ssdopt.quantize.int8 import quantize_int8, quantize_with_budget, quantized_compute_nodes
+from ssdopt.quantize.int8 import quantize_int8, quantized_compute_nodes
 from ssdopt.quantize.latency import candidate_groups, choose_latency_exclusions
 
 MINMAX = CalibrationSpec(method="minmax")
@@ -102,10 +102,9 @@ def test_margin_keeps_int8_when_float_is_barely_faster(tmp_path) -> None:
     assert chosen == [] and not any(p["kept_float"] for p in record["probes"])
 
 
-def test_budget_records_latency_and_accuracy_reasons(tiny_export, tiny_calibration, tmp_path) -> None:
+def test_budget_records_latency_and_accuracy_reasons(ort_budget) -> None:
     """Tiny model: its HardSwish becomes HardSigmoid + a quantized Mul; a fake timer makes the Mul
     group faster in float; a fake evaluator then forces one accuracy fallback round."""
-    reader = calibration_reader(tiny_calibration, 64)
 
     def timer(paths: list[Path]) -> list[float]:  # 1 ms per quantized Mul, 1 ms base
         out = []
@@ -121,17 +120,7 @@ def test_budget_records_latency_and_accuracy_reasons(tiny_export, tiny_calibrati
         calls.append(1)
         return 0.5 if len(calls) in (1, 3) else 0.48  # float, round 0 (2 points lost), round 1
 
-    result = quantize_with_budget(
-        tiny_export.model,
-        tmp_path / "int8.onnx",
-        target="onnxruntime",
-        reader=reader,
-        evaluate=evaluate,
-        calibration=MINMAX,
-        fallback_op_types=("Conv",),
-        layers_per_round=1,
-        latency_timer=timer,
-    )
+    result = ort_budget(evaluate, layers_per_round=1, latency_timer=timer)
     assert result.within_budget and len(result.rounds) == 2
     probe = result.record["latency_probe"]
     assert [p["group"] for p in probe["probes"]] == ["Mul"] and probe["probes"][0]["kept_float"]
