@@ -164,8 +164,11 @@ def test_best_throughput_over_batch_sizes(peer_rows) -> None:  # noqa: ANN001
     for row in swept:
         measured = {int(b): v for b, v in row["throughput_by_batch"].items() if v}
         assert set(measured) == {1, 2}, row.get("throughput_errors")
-        assert row["best_throughput_ips"] == max(measured.values())
-        assert measured[row["best_throughput_batch"]] == row["best_throughput_ips"]
+        if "best_throughput_streams" not in row:  # else the stream sweep's figure won (test below)
+            assert row["best_throughput_ips"] == max(measured.values())
+            assert measured[row["best_throughput_batch"]] == row["best_throughput_ips"]
+        else:
+            assert row["best_throughput_ips"] > max(measured.values())
 
 
 def test_streams_are_swept_at_the_best_batch(peer_rows) -> None:  # noqa: ANN001
