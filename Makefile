@@ -17,7 +17,7 @@ endif
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -qq -e '.[dev]'  # -qq: errors only (the registry's config warns per package)
+	$(BIN)/pip install -qq --no-compile -e '.[dev]'  # -qq: errors only (the registry warns per package); no .pyc of torch's 15k files up front
 	touch $(STAMP)
 
 setup: $(STAMP)

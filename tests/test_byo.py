@@ -91,13 +91,16 @@ def ssdopt(cwd: Path, *args: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("num_classes", "category_ids", "full_tail"),
-    [(5, [3, 7, 12, 20], False), (91, list(range(1, 91)), True)],
+    ("num_classes", "category_ids", "full_tail", "precisions"),
+    [(5, [3, 7, 12, 20], False, ("fp32", "int8")), (91, list(range(1, 91)), True, ("fp32",))],
     ids=["5-classes", "91-classes-coco-layout"],
 )
 def test_deploy_your_own_ssd(
-    tmp_path: Path, num_classes: int, category_ids: list[int], full_tail: bool
+    tmp_path: Path, num_classes: int, category_ids: list[int], full_tail: bool, precisions: tuple[str, ...]
 ) -> None:
+    """Every README command for 5 classes; for torchvision's 91-class COCO layout the same commands but
+    the int8 build (the layout matters to the import, the export, the class names and detection ids; int8
+    of the same graph adds CI time, not coverage)."""
     work = tmp_path / "project"
     work.mkdir()
     params = {
@@ -138,7 +141,7 @@ def test_deploy_your_own_ssd(
     )
     subprocess.run([*dvc, "add", "calibration"], cwd=work, check=True, timeout=120)  # its version too
     engines = {}
-    for precision in ("fp32", "int8"):
+    for precision in precisions:
         out = ssdopt(
             work,
             "build",
@@ -168,7 +171,7 @@ def test_deploy_your_own_ssd(
         )
     logged = [ssdopt(work, "track", "log", engines[p], "--evaluation", f"eval-{p}.json") for p in engines]
     dvc_md5 = yaml.safe_load((work / "coco.dvc").read_text())["outs"][0]["md5"]
-    assert json.loads((work / "eval-int8.json").read_text())["dataset_md5"] == dvc_md5
+    assert json.loads((work / f"eval-{precisions[-1]}.json").read_text())["dataset_md5"] == dvc_md5
     from ssdopt.backends.device import deployment_target
 
     registered = f"my-ssd.{deployment_target('cpu')}"
@@ -184,9 +187,10 @@ def test_deploy_your_own_ssd(
     client = mlflow.MlflowClient(uri, uri)  # registry too: an earlier test may have set a global one
     runs = [client.get_run(v.run_id) for v in client.search_model_versions(f"name='{registered}'")]
     assert {r.data.params["dataset_md5"] for r in runs} == {dvc_md5}
-    int8 = next(r for r in runs if r.data.params["precision"] == "int8")
-    calibration_md5 = yaml.safe_load((work / "calibration.dvc").read_text())["outs"][0]["md5"]
-    assert int8.data.params["calibration_md5"] == calibration_md5
+    if "int8" in precisions:
+        int8 = next(r for r in runs if r.data.params["precision"] == "int8")
+        calibration_md5 = yaml.safe_load((work / "calibration.dvc").read_text())["outs"][0]["md5"]
+        assert int8.data.params["calibration_md5"] == calibration_md5
 
     result = evaluate_engine(Path(work / engines["fp32"]), load_split(coco, "val"))
     assert {d["category_id"] for d in result.detections} <= set(category_ids)
