@@ -17,7 +17,7 @@ endif
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -qq --no-compile -e '.[dev]'  # -qq: errors only (the registry warns per package); no .pyc of torch's 15k files up front
+	$(BIN)/pip install -qq -e '.[dev]'  # -qq: errors only (the registry's config warns per package); keep pip's .pyc: PYTHONDONTWRITEBYTECODE=1 on these machines
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,7 +35,7 @@ repro: setup
 ## Lint and the whole test suite.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 ## The fault, soak and flow tests RUNS times in a row (flakes show as a pass count below RUNS).
 RUNS ?= 5
