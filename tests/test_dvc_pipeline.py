@@ -88,6 +88,7 @@ def project(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
     root.mkdir()
     shutil.copytree(ROOT / "ssdopt", root / "ssdopt", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copyfile(ROOT / ".dvcignore", root / ".dvcignore")  # __pycache__ the stages write is no change
     (root / "params.yaml").write_text(yaml.safe_dump(_params(), sort_keys=False))
     tiny = _tiny_model().cached_export(request.config)
     onnx_dir = root / "artifacts" / "onnx"
