@@ -27,6 +27,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gpu_split import graphed, test_images  # noqa: E402 - this folder's sibling script, on sys.path
+
 # name -> (Inductor options on top of the engine's, cudnn.benchmark, channels-last weights and input)
 VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
     "base": ({}, False, False),
@@ -44,32 +46,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool, bool]] = {
         False,
     ),
 }
-
-
-def _images(count: int, size: int, seed: int) -> Any:
-    import numpy as np
-    import torch
-
-    from ssdopt.data.synthetic import generate_image
-
-    rng = np.random.default_rng(seed)
-    pixels = [generate_image(rng, size)[0] for _ in range(count)]
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255).contiguous()
-
-
-def _graphed(fn: Any, example: Any) -> tuple[Any, tuple[Any, ...]]:
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            fn(example)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        outputs = tuple(fn(example))
-    return graph.replay, outputs
 
 
 def _median_ms(replay: Any, min_s: float, min_iter: int) -> float:
@@ -135,9 +111,9 @@ def child(name: str, checkpoint: Path, out: Path) -> int:
         "cudnn_benchmark": cudnn_benchmark,
         "channels_last": channels_last,
     }
-    images = _images(8, size, seed=2).cuda()
+    images = test_images(8, size, seed=2).cuda()
     t0 = time.perf_counter()
-    replay, outputs = _graphed(fn, images[:1].clone())
+    replay = graphed(fn, images[:1].clone())
     row["compile_batch1_s"] = round(time.perf_counter() - t0, 1)
     row["batch1_median_ms"] = round(_median_ms(replay, 2.0, 300), 4)
     row["kernels_per_call_batch1"] = _kernel_count(fn, images[:1])
@@ -146,11 +122,11 @@ def child(name: str, checkpoint: Path, out: Path) -> int:
         for i in range(8):
             detections.append([t.detach().cpu() for t in fn(images[i : i + 1])])
     torch.save(detections, out / f"{name}_detections.pt")
-    del replay, outputs
+    del replay
     for batch in [int(b) for b in os.environ.get("BATCHES", "256").split(",") if b]:
         t0 = time.perf_counter()
-        big = _images(16, size, seed=3).cuda().repeat((batch + 15) // 16, 1, 1, 1)[:batch].contiguous()
-        replay, _ = _graphed(fn, big)
+        big = test_images(16, size, seed=3).cuda().repeat((batch + 15) // 16, 1, 1, 1)[:batch].contiguous()
+        replay = graphed(fn, big)
         row[f"compile_batch{batch}_s"] = round(time.perf_counter() - t0, 1)
         ms = _median_ms(replay, 2.0, 30)
         row[f"batch{batch}_median_ms"] = round(ms, 3)

@@ -282,11 +282,9 @@ def _stream_sweep(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, plan
                 if close is not None:
                     close()
     row["throughput_streams_batch"] = batch
-    row["throughput_by_streams"] = {str(n): None if isinstance(v, str) else v for n, v in by_streams.items()}
-    errors = {str(n): v for n, v in by_streams.items() if isinstance(v, str)}
+    row["throughput_by_streams"], errors, measured = _figures(by_streams)
     if errors:
         row["throughput_stream_errors"] = errors
-    measured = {n: v for n, v in by_streams.items() if not isinstance(v, str) and v}
     if measured:
         best = max(measured, key=lambda n: measured[n])
         if measured[best] > (row.get("best_throughput_ips") or 0.0):
@@ -309,11 +307,20 @@ def _gpu_throughput_sweep(cfg: BenchConfig, rows: list[dict[str, Any]], plan: Ti
 
 def _set_sweep(row: dict[str, Any], by_batch: dict[int, float | str]) -> None:
     """`throughput_by_batch` (None where a batch failed, why under `throughput_errors`) and the best."""
-    row["throughput_by_batch"] = {str(b): None if isinstance(v, str) else v for b, v in by_batch.items()}
-    errors = {str(b): v for b, v in by_batch.items() if isinstance(v, str)}
+    row["throughput_by_batch"], errors, measured = _figures(by_batch)
     if errors:
         row["throughput_errors"] = errors
-    measured = {b: v for b, v in by_batch.items() if not isinstance(v, str) and v}
     if measured:
         best = max(measured, key=lambda b: measured[b])
         row.update(best_throughput_ips=measured[best], best_throughput_batch=int(best))
+
+
+def _figures(
+    values: dict[int, float | str],
+) -> tuple[dict[str, float | None], dict[str, str], dict[int, float]]:
+    """A sweep's results (images/s, or why it failed) as: JSON figures (None where failed), the reasons,
+    and the measured figures by batch size or stream count."""
+    shown = {str(k): None if isinstance(v, str) else v for k, v in values.items()}
+    errors = {str(k): v for k, v in values.items() if isinstance(v, str)}
+    measured = {k: v for k, v in values.items() if not isinstance(v, str) and v}
+    return shown, errors, measured
