@@ -10,11 +10,17 @@ SSDDecodeNMS op is appended later). The output directory holds:
     model_unfolded.onnx  the same network with its BatchNormalization nodes kept (for the fusion report)
     anchors.npy          float32 [A, 4] x1y1x2y2 pixels: the model's default boxes for H x W
     export.json          model, classes, shapes, opset, normalisation, post-processing defaults, sha256s
+
+export.json holds nothing this machine measured: it is a DVC output, and the parity check's max abs
+difference moves with the CPU's float kernels (AVX2 vs AVX-512), which would change its md5 and leave
+dvc.lock modified after a fresh clone's `make run`. It records the tolerance that was met; the measured
+differences go to the log.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -34,6 +40,8 @@ MARKER = "export.json"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("box_deltas", "class_logits")
 PARITY_BATCHES = (2, 3)  # the second batch size proves the batch dimension is dynamic
+
+_log = logging.getLogger(__name__)
 
 
 class SSDBackboneHead(nn.Module):
@@ -198,7 +206,10 @@ def export_onnx(
             raise SsdoptError(
                 files["unfolded"].name, "BatchNormalization nodes kept", "check optimize=False export"
             )
-        info = _export_info(model, wrapper, image_size, anchors, versions["model"], parity, ops, meta or {})
+        _log.info("ONNX Runtime CPU vs torch, max abs difference: %s", parity)
+        checked = {"reference": "torch CPU", "runtime": "onnxruntime CPU", "tolerance": tolerance}
+        checked["within_tolerance"] = sorted(parity)
+        info = _export_info(model, wrapper, image_size, anchors, versions["model"], checked, ops, meta or {})
         info["files"] = {p.name: sha256_file(p) for p in [*files.values(), tmp / "anchors.npy"]}
         (tmp / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         umask = os.umask(0)
@@ -217,7 +228,7 @@ def _export_info(
     image_size: int,
     anchors: np.ndarray,
     opset: int,
-    parity: dict[str, float],
+    parity: dict[str, Any],
     ops: dict[str, dict[str, int]],
     meta: dict[str, Any],
 ) -> dict[str, Any]:
@@ -260,7 +271,7 @@ def _export_info(
             "score_activation": "softmax",
             "background_class": 0,
         },
-        "parity_max_abs_diff": parity,
+        "parity": parity,
         "op_counts": ops,
         "checkpoint": meta.get("checkpoint"),
         "versions": {
