@@ -269,18 +269,28 @@ def _stream_sweep(row: dict[str, Any], ctx: BenchContext, cfg: BenchConfig, plan
 
     batch = int(row.get("best_throughput_batch") or cfg.batch)
     by_streams: dict[int, float | str] = {}
-    for streams in cfg.throughput_streams:
-        timers: list[tuple[Callable[[], Any], Any]] = []
-        try:
-            timers = [_row_timer(row, ctx, cfg, batch) for _ in range(streams)]
-            calls = [no_grad(fn) for fn, _ in timers]
-            by_streams[streams] = concurrent_images_per_s(calls, batch, plan.min_duration_s)
-        except Exception as exc:  # noqa: BLE001 - reported per stream count, the sweep goes on
-            by_streams[streams] = _reason(exc)
-        finally:
-            for _, close in timers:
-                if close is not None:
-                    close()
+    timers: list[tuple[Callable[[], Any], Any]] = []
+    try:  # runners for the largest stream count, loaded once; each count uses the first n of them
+        for _ in range(max(cfg.throughput_streams)):
+            timers.append(_row_timer(row, ctx, cfg, batch))
+    except Exception as exc:  # noqa: BLE001 - counts beyond the runners that loaded report why
+        load_error = _reason(exc)
+    else:
+        load_error = ""
+    try:
+        calls = [no_grad(fn) for fn, _ in timers]
+        for streams in cfg.throughput_streams:
+            if streams > len(calls):
+                by_streams[streams] = load_error
+                continue
+            try:
+                by_streams[streams] = concurrent_images_per_s(calls[:streams], batch, plan.min_duration_s)
+            except Exception as exc:  # noqa: BLE001 - reported per stream count, the sweep goes on
+                by_streams[streams] = _reason(exc)
+    finally:
+        for _, close in timers:
+            if close is not None:
+                close()
     row["throughput_streams_batch"] = batch
     row["throughput_by_streams"], errors, measured = _figures(by_streams)
     if errors:
@@ -299,9 +309,10 @@ def _gpu_throughput_sweep(cfg: BenchConfig, rows: list[dict[str, Any]], plan: Ti
     for row in rows:
         if row["status"] not in (VALIDATED, FAILED_VALIDATION) or not row.get("engine"):
             continue
-        if Engine.open(Path(row["engine"])).metadata.get("device", {}).get("kind") != "cuda":
+        engine = Engine.open(Path(row["engine"]))
+        if engine.metadata.get("device", {}).get("kind") != "cuda":
             continue  # the CPU accuracy reference: not what a GPU sweep is about
-        swept = engine_throughput(Path(row["engine"]), cfg.throughput_batches, plan)
+        swept = engine_throughput(engine, cfg.throughput_batches, plan)
         _set_sweep(row, {b: v if isinstance(v, str) else v.throughput_ips for b, v in swept.items()})
 
 
