@@ -89,9 +89,19 @@ def bench(
     engine: list[Path] | None = typer.Option(None, help="Extra prebuilt engine dir (repeatable)."),
     out: Path | None = typer.Option(None, help="Reports dir (params: bench.out)."),
     work: Path | None = typer.Option(None, help="Export/engine cache dir (params: bench.work)."),
+    rounds: int | None = typer.Option(None, help="CPU: interleaved timing rounds (params: bench.rounds)."),
+    min_iterations: int | None = typer.Option(
+        None, help="Timed calls per row and round, at least (params: bench.timing.min_iterations)."
+    ),
+    min_duration_s: float | None = typer.Option(
+        None, help="Seconds per row and round, at least (params: bench.timing.min_duration_s)."
+    ),
     quick: bool = typer.Option(False, help="CI size: bench.quick_limit images, short timing plan."),
 ) -> None:
-    """Benchmark engines and peers: table, reports/bench.json, bench.md and pareto.png."""
+    """Benchmark engines and peers: table, reports/bench.json, bench.md and pareto.png.
+
+    A slow model on a small CPU (ssd300_vgg16 at ~0.3 s a call) needs fewer timed calls than the
+    default 200: --min-iterations 20 --min-duration-s 5."""
     from dataclasses import replace
 
     from ssdopt.evaluate.bench import BenchConfig, as_tuple, run_bench
@@ -107,10 +117,17 @@ def bench(
         if quick
         else TimingPlan(
             warmup_s=float(timing.get("warmup_s", 0.2)),
-            min_duration_s=float(timing.get("min_duration_s", 3.0)),
-            min_iterations=int(timing.get("min_iterations", 200)),
+            min_duration_s=float(pick(min_duration_s, timing, "min_duration_s", 3.0)),
+            min_iterations=int(pick(min_iterations, timing, "min_iterations", 200)),
         )
     )
+    for flag, value, ok in (
+        ("--min-iterations", plan.min_iterations, plan.min_iterations >= 1),
+        ("--min-duration-s", plan.min_duration_s, plan.min_duration_s > 0),
+        ("--rounds", rounds, rounds is None or rounds >= 1),
+    ):
+        if not ok:
+            raise SsdoptError(f"{flag} {value}", "a positive number", "fix the flag or params.yaml bench")
     default_limit = p.get("quick_limit", 16) if quick else p.get("limit", 200)
     cfg = BenchConfig(
         backends=as_tuple(pick(backends, p, "backends", "onnxruntime,openvino,tensorrt,torch-aoti")),
@@ -123,7 +140,7 @@ def bench(
         min_agreement=float(p.get("min_agreement", 0.9)),
         compile_timeout_s=float(pick(compile_timeout_s, p, "compile_timeout_s", 900)),
         eval_batch=int(pick(eval_batch, p, "eval_batch", 8)),
-        rounds=1 if quick else int(p.get("rounds", 1)),
+        rounds=1 if quick else int(pick(rounds, p, "rounds", 1)),
         throughput_batches=_batches(throughput_batches, () if quick else p.get("throughput_batches") or ()),
         throughput_streams=_batches(
             throughput_streams, () if quick else p.get("throughput_streams") or (), "--throughput-streams"

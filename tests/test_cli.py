@@ -59,3 +59,19 @@ def test_throughput_batches_flag() -> None:
             _batches(bad, [1])
     with pytest.raises(SsdoptError, match="--throughput-streams 0"):
         _batches("0", [1], "--throughput-streams")
+
+
+@pytest.mark.parametrize("flag", ["--min-iterations=0", "--min-duration-s=0", "--rounds=0"])
+def test_bench_refuses_a_timing_plan_that_times_nothing(flag: str) -> None:
+    done = subprocess.run(
+        [str(SSDOPT), "bench", flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode != 0
+    assert (
+        flag.replace("=", " ") in done.stdout + done.stderr
+        and "a positive number" in done.stdout + done.stderr
+    )
