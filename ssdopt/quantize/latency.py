@@ -27,7 +27,8 @@ import onnx
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 GROUP_OP_TYPES = ("Mul", "Add")  # quantized non-conv op types probed as groups (besides convolutions)
 
-Timer = Callable[[list[Path]], list[float]]
+# seconds per graph: one figure each, or one per interleaved round (then float must win every round)
+Timer = Callable[[list[Path]], list[float] | list[list[float]]]
 
 
 def _is_depthwise(node: onnx.NodeProto) -> bool:
@@ -50,9 +51,9 @@ def candidate_groups(model: onnx.ModelProto, quantized: list[str]) -> dict[str, 
     return groups
 
 
-def ort_timer(threads: int | None = None, seconds: float = 1.0, rounds: int = 2) -> Timer:
+def ort_timer(threads: int | None = None, seconds: float = 1.0, rounds: int = 3) -> Timer:
     """Median batch-1 latency (s) of each ONNX graph, ORT CPU, ORT_ENABLE_ALL (as the engine is built),
-    timed interleaved in `rounds` rounds of `seconds` each; the median of the rounds' medians."""
+    timed interleaved in `rounds` rounds of `seconds` each: per graph, each round's median."""
 
     def measure(paths: list[Path]) -> list[float]:
         import onnxruntime as ort
@@ -89,9 +90,20 @@ def ort_timer(threads: int | None = None, seconds: float = 1.0, rounds: int = 2)
                     session.run(None, feed)
                     times.append(time.perf_counter() - tick)
                 medians[index].append(float(np.median(times)))
-        return [float(np.median(m)) for m in medians]
+        return medians
 
     return measure
+
+
+def _float_wins(int8_s: float | list[float], float_s: float | list[float], margin: float) -> bool:
+    """Float faster than int8 by more than `margin`: in every round where the timer gives rounds (on a
+    shared 2-core VM one round's noise exceeds a 3% margin; the same graph read 14-20 ms in one build)."""
+    pairs = zip(int8_s, float_s, strict=True) if isinstance(int8_s, list) else [(int8_s, float_s)]
+    return all(f < i * (1.0 - margin) for i, f in pairs)
+
+
+def _ms(seconds: float | list[float]) -> float:
+    return round(1e3 * float(np.median(seconds)), 3)
 
 
 def choose_latency_exclusions(
@@ -119,22 +131,27 @@ def choose_latency_exclusions(
         trial = work / f"latency_probe{index}.onnx"
         quantize(sorted(set(base_exclude) | set(chosen) | set(names)), trial)
         int8_s, float_s = timer([best_path, trial])
-        keep_float = float_s < int8_s * (1.0 - margin)
-        probes.append(
-            {
-                "group": group,
-                "nodes": len(names),
-                "int8_ms": round(1e3 * int8_s, 3),
-                "float_ms": round(1e3 * float_s, 3),
-                "kept_float": keep_float,
+        keep_float = _float_wins(int8_s, float_s, margin)
+        probe = {
+            "group": group,
+            "nodes": len(names),
+            "int8_ms": _ms(int8_s),
+            "float_ms": _ms(float_s),
+            "kept_float": keep_float,
+        }
+        if isinstance(int8_s, list):
+            probe["rounds_ms"] = {
+                "int8": [round(1e3 * v, 3) for v in int8_s],
+                "float": [round(1e3 * v, 3) for v in float_s],
             }
-        )
+        probes.append(probe)
         if keep_float:
             chosen += names
             best_path = trial
     record = {
         "method": "per-group batch-1 latency, int8 vs float, interleaved (ssdopt.quantize.latency)",
         "margin": margin,
+        "rule": "kept float only when faster by the margin in every interleaved round",
         "probes": probes,
         "skipped_groups": [g for g in list(groups)[max_groups:]],
         "time_s": round(time.perf_counter() - start, 2),

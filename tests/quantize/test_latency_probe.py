@@ -102,6 +102,47 @@ def test_margin_keeps_int8_when_float_is_barely_faster(tmp_path) -> None:
     assert chosen == [] and not any(p["kept_float"] for p in record["probes"])
 
 
+def rounds_timer(rounds: dict[str, list[tuple[float, float]]]):
+    """Per-round figures (int8 graph, float trial) for the probe of each group, by the group's node."""
+
+    def measure(paths: list[Path]) -> list[list[float]]:
+        trial = set(json.loads(paths[1].read_text())) - set(json.loads(paths[0].read_text()))
+        pairs = rounds[next(iter(trial))]
+        return [[i for i, _ in pairs], [f for _, f in pairs]]
+
+    return measure
+
+
+def test_float_must_win_every_round_to_be_kept(tmp_path) -> None:
+    """ "dw" is faster in float by the median of its rounds but loses one round (noise on a shared CPU):
+    it stays int8; "mul" wins all three rounds: float. The rounds are recorded."""
+    source = depthwise_graph(tmp_path / "g.onnx")
+    timer = rounds_timer(
+        {
+            "dense": [(10e-3, 12e-3)] * 3,
+            "dw": [(14e-3, 11e-3), (20e-3, 15e-3), (16e-3, 19e-3)],
+            "mul": [(14e-3, 12e-3), (20e-3, 17e-3), (16e-3, 13e-3)],
+        }
+    )
+    chosen, record = choose_latency_exclusions(
+        source, FakeQuantizer(["dense", "dw", "mul"]), [], tmp_path, timer
+    )
+    assert chosen == ["mul"]
+    probes = {p["group"]: p for p in record["probes"]}
+    assert probes["depthwise Conv"]["float_ms"] < probes["depthwise Conv"]["int8_ms"]  # the median says float
+    assert not probes["depthwise Conv"]["kept_float"] and probes["Mul"]["kept_float"]
+    assert probes["Mul"]["rounds_ms"] == {"int8": [14.0, 20.0, 16.0], "float": [12.0, 17.0, 13.0]}
+    assert "every interleaved round" in record["rule"]
+
+
+def test_ort_timer_gives_each_round_of_each_graph(tmp_path) -> None:
+    from ssdopt.quantize.latency import ort_timer
+
+    graph = depthwise_graph(tmp_path / "g.onnx")
+    figures = ort_timer(threads=1, seconds=0.05, rounds=3)([graph, graph])
+    assert len(figures) == 2 and all(len(r) == 3 and all(0 < v < 1 for v in r) for r in figures)
+
+
 def test_budget_records_latency_and_accuracy_reasons(ort_budget) -> None:
     """Tiny model: its HardSwish becomes HardSigmoid + a quantized Mul; a fake timer makes the Mul
     group faster in float; a fake evaluator then forces one accuracy fallback round."""
