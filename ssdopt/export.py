@@ -207,8 +207,12 @@ def export_onnx(
                 files["unfolded"].name, "BatchNormalization nodes kept", "check optimize=False export"
             )
         _log.info("ONNX Runtime CPU vs torch, max abs difference: %s", parity)
-        checked = {"reference": "torch CPU", "runtime": "onnxruntime CPU", "tolerance": tolerance}
-        checked["within_tolerance"] = sorted(parity)
+        checked = {
+            "reference": "torch CPU",
+            "runtime": "onnxruntime CPU",
+            "tolerance": tolerance,
+            "within_tolerance": sorted(parity),
+        }
         info = _export_info(model, wrapper, image_size, anchors, versions["model"], checked, ops, meta or {})
         info["files"] = {p.name: sha256_file(p) for p in [*files.values(), tmp / "anchors.npy"]}
         (tmp / MARKER).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -23,20 +23,41 @@ from typing import Any
 
 from ssdopt.errors import SsdoptError
 from ssdopt.tracking.promotion import Candidate, Decision, decide
-from ssdopt.tracking.store import (  # the store's names stay importable from here
+from ssdopt.tracking.store import (
     Store,
-    _client,
-    _exclusive,
-    _server_errors,
+    exclusive,
     existing_store,
     experiment_id,
+    local_store,
+    mlflow_client,
+    redact_uri,
+    server_errors,
 )
-from ssdopt.tracking.store import (
-    local_store as local_store,
-)
-from ssdopt.tracking.store import (
-    redact_uri as redact_uri,
-)
+
+__all__ = [  # the tracking API; the store's part lives in ssdopt.tracking.store
+    "CHAMPION",
+    "PREVIOUS",
+    "LOGGED_METRICS",
+    "WRITER_TAG",
+    "Candidate",
+    "Decision",
+    "Store",
+    "existing_store",
+    "experiment_id",
+    "local_store",
+    "redact_uri",
+    "log_engine_run",
+    "engine_signature",
+    "version_tags",
+    "log_engine_once",
+    "candidates",
+    "promote",
+    "registered_targets",
+    "promotion_targets",
+    "compare_runs",
+    "resolve_engine_uri",
+    "log_evaluated_engine",
+]
 
 ENGINE_MODEL_CODE = Path(__file__).with_name("engine_model.py")
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -83,7 +104,7 @@ def log_engine_run(
     engine_dir = Path(engine_dir)
     if not (engine_dir / "metadata.json").is_file():
         raise SsdoptError(engine_dir, "an engine directory with metadata.json", "build it: `ssdopt build`")
-    _client(store)
+    mlflow_client(store)
     exp_id = experiment_id(store, experiment)
     tags = {**(tags or {}), WRITER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
@@ -173,7 +194,7 @@ def _register(
 
     import mlflow
 
-    client = _client(store)
+    client = mlflow_client(store)
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stderr(chatter):
@@ -214,7 +235,7 @@ def _left_running(run: Any) -> bool:
     return False
 
 
-@_server_errors
+@server_errors
 def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: Any) -> tuple[str, str | None]:
     """log_engine_run unless this engine (by sha256) already has a finished run and version.
 
@@ -227,8 +248,8 @@ def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: A
     engine_dir = Path(engine_dir)
     sha = json.loads((engine_dir / "metadata.json").read_text())["engine"]["sha256"]
     model = kwargs.get("registered_model")
-    with _exclusive(store):
-        client = _client(store)
+    with exclusive(store):
+        client = mlflow_client(store)
         exp_id = experiment_id(store, experiment)
         runs = client.search_runs([exp_id], filter_string=f"tags.`ssdopt.engine_sha256` = '{sha}'")
         for run in runs:
@@ -249,10 +270,10 @@ def log_engine_once(store: Store, experiment: str, engine_dir: Path, **kwargs: A
         return log_engine_run(store, experiment, engine_dir, tags=tags, **kwargs)
 
 
-@_server_errors
+@server_errors
 def candidates(store: Store, registered_model: str) -> tuple[list[Candidate], str | None]:
     """Every version of `registered_model` with its run's metrics, and the current champion."""
-    client = _client(store)
+    client = mlflow_client(store)
     try:
         current = str(client.get_model_version_by_alias(registered_model, CHAMPION).version)
     except Exception:  # noqa: BLE001 - MLflow raises RestException when the alias is absent
@@ -274,15 +295,15 @@ def candidates(store: Store, registered_model: str) -> tuple[list[Candidate], st
     return found, current
 
 
-@_server_errors
+@server_errors
 def promote(store: Store, registered_model: str, budget: float = 1.0) -> Decision:
     """Apply the promotion policy to one registered model (one deployment target)."""
-    with _exclusive(store):
+    with exclusive(store):
         return _promote(store, registered_model, budget)
 
 
 def _promote(store: Store, registered_model: str, budget: float) -> Decision:
-    client = _client(store)
+    client = mlflow_client(store)
     pool, current = candidates(store, registered_model)
     if not pool:
         raise SsdoptError(registered_model, "a registered model with versions", "run the optimize flow first")
@@ -298,10 +319,10 @@ def _promote(store: Store, registered_model: str, budget: float) -> Decision:
     return decision
 
 
-@_server_errors
+@server_errors
 def registered_targets(store: Store, model_name: str) -> list[str]:
     """The targets with a registered model `<model_name>.<target>` in the store, sorted."""
-    client = _client(store)
+    client = mlflow_client(store)
     prefix = f"{model_name}."
     quoted = prefix.replace("'", "''")
     found = client.search_registered_models(filter_string=f"name LIKE '{quoted}%'", max_results=1000)
@@ -321,10 +342,10 @@ def promotion_targets(store: Store, model_name: str, explicit: list[str] | None 
     return registered_targets(store, model_name) or local_targets()
 
 
-@_server_errors
+@server_errors
 def compare_runs(store: Store, experiment: str, limit: int = 50) -> list[dict[str, Any]]:
     """The latest runs of `experiment` with their params and metrics, newest first."""
-    client = _client(store)
+    client = mlflow_client(store)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SsdoptError(
@@ -353,7 +374,7 @@ def resolve_engine_uri(uri: str, store: Store | None = None) -> Path:
     import mlflow
 
     store = store or existing_store()
-    _client(store)
+    mlflow_client(store)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown models/aliases

@@ -101,7 +101,7 @@ def _refused(exc: BaseException) -> bool:
     )
 
 
-def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
+def server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
     """Turn an unreachable or refusing tracking server, or a full disk, into one SsdoptError (the
     function's first argument is the Store).
 
@@ -170,7 +170,7 @@ def _server_errors(func: Callable[..., _T]) -> Callable[..., _T]:
 
 
 @contextmanager
-def _exclusive(store: Store) -> Iterator[None]:
+def exclusive(store: Store) -> Iterator[None]:
     """Hold the store's lock file (flock: released by the kernel even when the holder is killed)."""
     if store.lock_file is None:
         yield
@@ -184,7 +184,7 @@ def _exclusive(store: Store) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signature
+def mlflow_client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signature
     # MLflow draws a "Downloading artifacts" bar per logged model (it reads the model back to validate
     # it): noise between our own progress bars and the table. The user's setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -207,7 +207,7 @@ def _client(store: Store):  # noqa: ANN202 - mlflow type kept out of the signatu
 
 def experiment_id(store: Store, name: str) -> str:
     """Create the experiment (artifacts under the store's artifact root) or return it."""
-    client = _client(store)
+    client = mlflow_client(store)
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
